@@ -1,0 +1,198 @@
+"""The app builder every service uses: health, readiness, metrics, errors, auth, body limits.
+
+``build_app`` returns a FastAPI app whose lifespan runs the service's own ``open`` hook (which opens its
+producer, Redis pool, consumers, ONNX sessions and returns them as typed state) and closes them after.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rtml import __version__
+from rtml.core import metrics
+from rtml.core.auth import ApiKeys
+from rtml.core.auth import Scope as AuthScope
+from rtml.core.errors import DependencyUnavailable, PayloadTooLarge, RtmlError
+from rtml.core.settings import ServiceName, Settings
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+OpenHook = Callable[[FastAPI, Settings], AbstractAsyncContextManager[dict[str, ReadinessCheck]]]
+
+
+def error_response(exc: RtmlError) -> ORJSONResponse:
+    return ORJSONResponse(exc.to_body(), status_code=exc.status, headers=exc.headers())
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"), "message": err.get("msg", "")}
+        for err in exc.errors()
+    ]
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): latency per route template."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            method = scope.get("method", "GET")
+            metrics.HTTP_REQUEST_SECONDS.labels(self.service, path, method).observe(time.perf_counter() - start)
+            metrics.HTTP_REQUESTS.labels(self.service, path, method, str(status)).inc()
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, by Content-Length up front or while streaming a chunked body."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    resp = error_response(PayloadTooLarge(f"request body is over {self.limit} bytes"))
+                    await resp(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLarge(f"request body is over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> FastAPI:
+    """A service app: ``open_hook`` opens the service's resources and returns its readiness checks."""
+    api_keys = ApiKeys.parse(settings.api_keys.get_secret_value() if settings.api_keys else None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_hook(app, settings) as checks:
+            app.state.checks = checks
+            yield
+
+    app = FastAPI(
+        title=f"rtml {service}",
+        version=__version__,
+        default_response_class=ORJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.api_keys = api_keys
+    app.state.checks = {}
+
+    @app.exception_handler(RtmlError)
+    async def _rtml_error(request: Request, exc: RtmlError) -> ORJSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+        body = {"error": {"code": "invalid", "message": "request does not validate",
+                          "details": _validation_details(exc)}}  # fmt: skip
+        return ORJSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return ORJSONResponse(
+            {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ORJSONResponse({"error": {"code": "internal", "message": "internal error"}}, status_code=500)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> ORJSONResponse:
+        failed: dict[str, str] = {}
+        for name, check in request.app.state.checks.items():
+            try:
+                await check()
+            except DependencyUnavailable as exc:
+                failed[name] = exc.message
+            except Exception as exc:
+                failed[name] = repr(exc)
+        if failed:
+            return ORJSONResponse(
+                {"status": "unavailable", "failed": failed,
+                 "error": {"code": "unavailable", "message": "not ready: " + ", ".join(sorted(failed))}},
+                status_code=503, headers={"Retry-After": "1"},
+            )  # fmt: skip
+        return ORJSONResponse({"status": "ready", "service": service})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, service=service)
+    return app
+
+
+def require(scope: AuthScope) -> Any:
+    """Route dependency: the caller's API key must carry ``scope`` (when RTML_API_KEYS is set)."""
+
+    def check(request: Request) -> None:
+        request.app.state.api_keys.check(request.headers.get("authorization"), scope)
+
+    return Depends(check)
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(settings_of)]

@@ -1,0 +1,181 @@
+"""The platform config (``rtml.yaml``): entities, features and models, validated by pydantic.
+
+A bad file fails with one line naming the bad key (``features.user_clicks_5m.window: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rtml.core.errors import ConfigError
+from rtml.core.timeutil import parse_duration_ms
+
+Agg = Literal["count", "sum", "mean", "min", "max", "last", "distinct_count", "ratio"]
+NEEDS_FIELD: frozenset[str] = frozenset({"sum", "mean", "min", "max", "last", "distinct_count"})
+
+
+class EntityDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str | None = None
+    keys: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> EntityDef:
+        if (self.key is None) == (self.keys is None):
+            raise ValueError("give exactly one of key (single) or keys (a pair or more)")
+        if self.keys is not None and len(self.keys) < 2:
+            raise ValueError("keys needs at least two fields; use key for one")
+        return self
+
+    @property
+    def key_fields(self) -> tuple[str, ...]:
+        return (self.key,) if self.key is not None else tuple(self.keys or ())
+
+
+class EventFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    events: tuple[str, ...] | None = None
+
+    def matches(self, event_type: str) -> bool:
+        return self.events is None or event_type in self.events
+
+
+class FeatureDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    entity: str
+    agg: Agg
+    events: tuple[str, ...] | None = None
+    field: str | None = None
+    window: str | None = None
+    tile: str | None = None
+    numerator: EventFilter | None = None
+    denominator: EventFilter | None = None
+    approx: bool = False
+    # Filled in by validation: window and tile widths in ms (0 for lifetime).
+    window_ms: int = 0
+    tile_ms: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _widths(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        window = data.get("window")
+        if window is None:
+            if data.get("tile") is not None:
+                raise ValueError("tile needs a window")
+            data["window_ms"], data["tile_ms"] = 0, 0
+            return data
+        w = parse_duration_ms(window)
+        if data.get("tile") is not None:
+            g = parse_duration_ms(data["tile"])
+        else:
+            g = max(1000, (w // 60) // 1000 * 1000)
+        if w % g != 0:
+            raise ValueError(f"window {window} is not a multiple of its tile ({g} ms)")
+        data["window_ms"], data["tile_ms"] = w, g
+        return data
+
+    @model_validator(mode="after")
+    def _agg_shape(self) -> FeatureDef:
+        if self.agg in NEEDS_FIELD and not self.field:
+            raise ValueError(f"agg {self.agg} needs a field (e.g. properties.amount)")
+        if self.agg == "ratio":
+            if self.numerator is None or self.denominator is None:
+                raise ValueError("agg ratio needs numerator and denominator")
+        elif self.numerator is not None or self.denominator is not None:
+            raise ValueError("numerator/denominator only apply to agg ratio")
+        if self.approx and self.agg != "distinct_count":
+            raise ValueError("approx only applies to distinct_count")
+        return self
+
+    @property
+    def lifetime(self) -> bool:
+        return self.window_ms == 0
+
+    @property
+    def n_tiles(self) -> int:
+        return self.window_ms // self.tile_ms if self.tile_ms else 0
+
+    def matches(self, event_type: str) -> bool:
+        return self.events is None or event_type in self.events
+
+
+class ModelDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    features: tuple[str, ...] = Field(min_length=1)
+    defaults: dict[str, float] = Field(default_factory=dict)
+
+
+class PlatformConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    entities: dict[str, EntityDef]
+    features: dict[str, FeatureDef] = Field(default_factory=dict)
+    models: dict[str, ModelDef] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> PlatformConfig:
+        for name, f in self.features.items():
+            if f.entity not in self.entities:
+                raise ValueError(f"features.{name}.entity: unknown entity {f.entity!r}")
+        for name, m in self.models.items():
+            for feat in m.features:
+                if feat not in self.features:
+                    raise ValueError(f"models.{name}.features: unknown feature {feat!r}")
+            for feat in m.defaults:
+                if feat not in m.features:
+                    raise ValueError(f"models.{name}.defaults: {feat!r} is not one of the model's features")
+        return self
+
+    def features_of(self, entity: str) -> dict[str, FeatureDef]:
+        return {n: f for n, f in self.features.items() if f.entity == entity}
+
+    @property
+    def longest_window_ms(self) -> int:
+        return max((f.window_ms for f in self.features.values()), default=0)
+
+    def entity_id(self, entity: str, values: dict[str, str]) -> str | None:
+        """The id of ``entity`` for one event or request; None when a key field is missing."""
+        parts = []
+        for key in self.entities[entity].key_fields:
+            v = values.get(key)
+            if v is None:
+                return None
+            parts.append(v)
+        return "|".join(parts)
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(data: Any, source: str = "rtml.yaml") -> PlatformConfig:
+    try:
+        return PlatformConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_error(exc)}") from None
+
+
+def load_config(path: Path) -> PlatformConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,305 @@
+"""The one Kafka layer: client options, explicit topic creation, a producer, a consumer-group loop.
+
+Works on Apache Kafka and on the embedded Tansu broker; it relies on nothing only Tansu does. Consumers
+never trust ``latest``/``end_offsets`` (wrong on Tansu with batching producers): they start from the
+committed offset or ``earliest`` and commit manually after a batch is fully applied, so every handler
+must be idempotent (rtml's are: features dedup by event_id, feedback by prediction_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from rtml.core import metrics
+from rtml.core.errors import DependencyUnavailable, RtmlError, UnprocessableRecord
+from rtml.core.schemas import SCHEMA_VERSION
+from rtml.core.settings import KafkaSettings, Settings
+
+log = logging.getLogger(__name__)
+
+TOPICS = ("events", "predictions", "outcomes", "examples", "models", "deadletter")
+SCHEMA_HEADER = "rtml-schema"
+REASON_HEADER = "rtml-reason"
+Headers = list[tuple[str, bytes]]
+
+
+def client_options(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security options shared by producer, consumer and admin client."""
+    if not k.bootstrap:
+        raise DependencyUnavailable("kafka", "RTML_KAFKA_BOOTSTRAP is not set")
+    opts: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap,
+        "client_id": k.client_id,
+        "security_protocol": k.security_protocol,
+        "request_timeout_ms": k.request_timeout_ms,
+    }
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=k.ssl_cafile)
+        if k.ssl_certfile:
+            ctx.load_cert_chain(k.ssl_certfile, k.ssl_keyfile)
+        opts["ssl_context"] = ctx
+    if k.security_protocol.startswith("SASL"):
+        opts["sasl_mechanism"] = k.sasl_mechanism or "PLAIN"
+        opts["sasl_plain_username"] = k.sasl_username
+        opts["sasl_plain_password"] = k.sasl_password.get_secret_value() if k.sasl_password else None
+    return opts
+
+
+async def create_topics(settings: Settings, names: Sequence[str] = TOPICS) -> None:
+    """Create rtml's topics with explicit partition counts (auto-creation picks its own). Idempotent."""
+    k = settings.kafka
+    admin = AIOKafkaAdminClient(**client_options(k))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(settings.topic(n), num_partitions=k.partitions, replication_factor=k.replication_factor)
+            for n in names
+            if settings.topic(n) not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+    finally:
+        await admin.close()
+
+
+def encode(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    return orjson.dumps(value)
+
+
+class Producer:
+    """acks=all producer. ``send_many`` returns only once the broker acknowledged every record."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        k = settings.kafka
+        self._producer = AIOKafkaProducer(
+            **client_options(k),
+            acks="all",
+            enable_idempotence=k.enable_idempotence,
+            linger_ms=k.linger_ms,
+            max_batch_size=256 * 1024,
+            max_request_size=16 * 1024 * 1024,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            raise DependencyUnavailable("kafka", f"cannot connect to Kafka: {exc}") from exc
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def send_many(
+        self, topic: str, records: Sequence[tuple[bytes | None, bytes]], headers: Headers | None = None
+    ) -> None:
+        """Publish ``(key, value)`` records to the topic *name* (without prefix) and wait for acks=all."""
+        full = self._settings.topic(topic)
+        hdrs = [(SCHEMA_HEADER, SCHEMA_VERSION.encode()), *(headers or [])]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            futures = [
+                await self._producer.send(full, value=value, key=key, headers=hdrs) for key, value in records
+            ]
+            if futures:
+                await asyncio.wait_for(
+                    asyncio.gather(*futures), timeout=self._settings.kafka.publish_timeout_s
+                )
+        except (KafkaError, TimeoutError) as exc:
+            metrics.KAFKA_PUBLISH_ERRORS.labels(topic=topic).inc()
+            raise DependencyUnavailable("kafka", f"Kafka did not acknowledge the publish: {exc!r}") from exc
+        metrics.KAFKA_PUBLISH_SECONDS.labels(topic=topic).observe(loop.time() - started)
+        metrics.KAFKA_PUBLISHED.labels(topic=topic).inc(len(records))
+
+    async def send(self, topic: str, value: Any, key: bytes | None = None, headers: Headers | None = None) -> None:
+        await self.send_many(topic, [(key, encode(value))], headers)
+
+    async def ping(self, timeout_s: float = 1.0) -> None:
+        """Raise DependencyUnavailable unless the broker answers a metadata request."""
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout_s)
+        except Exception as exc:
+            raise DependencyUnavailable("kafka", f"Kafka does not answer: {exc!r}") from exc
+
+    async def dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        """Park a record that cannot be processed, with its reason and origin in headers."""
+        headers: Headers = [
+            (REASON_HEADER, reason.encode()[:4096]),
+            ("rtml-source-topic", str(record.topic).encode()),
+            ("rtml-source-partition", str(record.partition).encode()),
+            ("rtml-source-offset", str(record.offset).encode()),
+        ]
+        await self.send_many("deadletter", [(record.key, record.value or b"")], headers)
+        metrics.DEAD_LETTERS.labels(topic=str(record.topic)).inc()
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed(Generic[T]):
+    record: ConsumerRecord
+    value: T
+
+
+Decoder = Callable[[ConsumerRecord], T]
+Handler = Callable[[list[Consumed[T]]], Awaitable[None]]
+
+
+class ConsumerLoop(Generic[T]):
+    """A consumer-group member that decodes, handles and commits micro-batches.
+
+    - a record that fails to decode (UnprocessableRecord or any ValueError) goes to the dead-letter topic;
+    - the handler gets the decoded batch; if it raises a retriable error nothing is committed, the
+      consumer seeks back to the batch start and retries with backoff (so a Redis outage pauses it);
+    - offsets are committed only after the handler returned;
+    - ``stop()`` (or SIGTERM handled by the caller) finishes the current batch, commits, and leaves.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        topics: Sequence[str],
+        group_id: str,
+        decode: Decoder[T],
+        handle: Handler[T],
+        producer: Producer,
+        max_records: int | None = None,
+    ) -> None:
+        k = settings.kafka
+        self.name = name
+        self._settings = settings
+        self._decode = decode
+        self._handle = handle
+        self._producer = producer
+        self._max_records = max_records or k.max_poll_records
+        self._stopping = asyncio.Event()
+        self._topics = [settings.topic(t) for t in topics]
+        self._consumer = AIOKafkaConsumer(
+            *self._topics,
+            **client_options(k),
+            group_id=f"{settings.topic_prefix}{group_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_records=self._max_records,
+        )
+        self.processed = 0
+        self.healthy = True
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+        except KafkaError as exc:
+            raise DependencyUnavailable("kafka", f"consumer cannot connect: {exc}") from exc
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+
+    async def __aenter__(self) -> ConsumerLoop[T]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def run(self, *, timeout: float | None = None, count: int | None = None) -> int:
+        """Consume until stopped, or until ``timeout`` seconds passed, or ``count`` records were handled."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        backoff = 0.1
+        while not self._stopping.is_set():
+            if deadline is not None and loop.time() >= deadline:
+                break
+            if count is not None and self.processed >= count:
+                break
+            batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_records)
+            if not batches:
+                continue
+            try:
+                await self._process(batches)
+            except RtmlError as exc:
+                if not exc.retriable:
+                    raise
+                self.healthy = False
+                log.warning("%s: %s; retrying the batch in %.1f s", self.name, exc.message, backoff)
+                metrics.CONSUMER_RETRIES.labels(consumer=self.name).inc()
+                for tp, records in batches.items():
+                    self._consumer.seek(tp, records[0].offset)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self.healthy = True
+            backoff = 0.1
+        return self.processed
+
+    async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        decoded: list[Consumed[T]] = []
+        for records in batches.values():
+            for rec in records:
+                try:
+                    decoded.append(Consumed(rec, self._decode(rec)))
+                except (UnprocessableRecord, ValueError) as exc:
+                    await self._producer.dead_letter(rec, f"{type(exc).__name__}: {exc}")
+        if decoded:
+            await self._handle(decoded)
+        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:
+            # Rebalanced away or broker gone: the records will be redelivered; handlers are idempotent.
+            log.warning("%s: commit failed (%s); records will be redelivered", self.name, exc)
+        n = sum(len(r) for r in batches.values())
+        self.processed += n
+        metrics.CONSUMED.labels(consumer=self.name).inc(n)
+        for tp, records in batches.items():
+            metrics.CONSUMER_POSITION.labels(consumer=self.name, topic=tp.topic, partition=str(tp.partition)).set(
+                records[-1].offset + 1
+            )
+
+
+def decode_json(record: ConsumerRecord) -> Any:
+    if record.value is None:
+        raise UnprocessableRecord("empty record value")
+    try:
+        return orjson.loads(record.value)
+    except orjson.JSONDecodeError as exc:
+        raise UnprocessableRecord(f"not JSON: {exc}") from exc

@@ -1,0 +1,73 @@
+"""The one metrics module: every Prometheus metric of rtml is declared here.
+
+Names follow Prometheus conventions (base units, ``_seconds``, ``_total``). Every service runs in its own
+process; ``service`` labels the HTTP metrics so one dashboard query covers all four.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# 0.25 ms .. 2.5 s: sub-millisecond resolution where serving lives, seconds where timeouts live.
+LATENCY_BUCKETS = (
+    0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025,
+    0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+HTTP_REQUEST_SECONDS = Histogram(
+    "rtml_http_request_duration_seconds",
+    "HTTP request latency by service, route template and method.",
+    ["service", "route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+HTTP_REQUESTS = Counter(
+    "rtml_http_requests_total", "HTTP requests by service, route and status.", ["service", "route", "method", "status"]
+)
+
+# Kafka
+KAFKA_PUBLISHED = Counter("rtml_kafka_published_total", "Records acknowledged by the broker.", ["topic"])
+KAFKA_PUBLISH_ERRORS = Counter("rtml_kafka_publish_errors_total", "Publishes the broker did not ack.", ["topic"])
+KAFKA_PUBLISH_SECONDS = Histogram(
+    "rtml_kafka_publish_duration_seconds", "Time until the broker acked a publish.", ["topic"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+CONSUMED = Counter("rtml_consumer_records_total", "Records consumed and committed.", ["consumer"])
+CONSUMER_RETRIES = Counter("rtml_consumer_retries_total", "Batches retried after a retriable error.", ["consumer"])
+CONSUMER_POSITION = Gauge(
+    "rtml_consumer_committed_offset", "Last committed offset.", ["consumer", "topic", "partition"]
+)
+DEAD_LETTERS = Counter("rtml_deadletter_total", "Records sent to the dead-letter topic.", ["topic"])
+
+# ingest
+INGEST_EVENTS = Counter("rtml_ingest_events_total", "Events accepted and acknowledged by the broker.")
+INGEST_REJECTED = Counter("rtml_ingest_events_rejected_total", "Events rejected as invalid.")
+INGEST_BYTES = Counter("rtml_ingest_bytes_total", "Request body bytes received on /v1/events.")
+
+# features
+FEATURE_EVENTS_APPLIED = Counter("rtml_features_events_applied_total", "Event applications per entity.", ["entity"])
+FEATURE_EVENTS_DUPLICATE = Counter("rtml_features_events_duplicate_total", "Duplicate event_ids ignored.", ["entity"])
+FEATURE_EVENTS_LATE = Counter(
+    "rtml_features_events_late_total", "Events too late for every finite window of a feature.", ["feature"]
+)
+FEATURE_FRESHNESS_SECONDS = Histogram(
+    "rtml_features_freshness_seconds", "From ingest receive time to the feature update in Redis.",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+REDIS_SECONDS = Histogram(
+    "rtml_redis_call_duration_seconds", "Redis round trips by operation.", ["op"], buckets=LATENCY_BUCKETS
+)
+
+# serving
+PREDICTIONS = Counter("rtml_predictions_total", "Predictions by model and version.", ["model", "version"])
+PREDICTIONS_DEGRADED = Counter("rtml_predictions_degraded_total", "Predictions made without the store.", ["model"])
+INFERENCE_SECONDS = Histogram(
+    "rtml_inference_duration_seconds", "ONNX Runtime time per call.", ["model"], buckets=LATENCY_BUCKETS
+)
+PREDICTION_LOG_DROPPED = Counter(
+    "rtml_prediction_log_dropped_total", "Prediction log records dropped because the buffer was full."
+)
+MODEL_LIVE_VERSION = Gauge("rtml_model_live_info", "1 for the version each replica serves.", ["model", "version"])
+
+# feedback
+OUTCOMES = Counter("rtml_outcomes_total", "Outcomes by join result.", ["result"])
+EXAMPLES = Counter("rtml_examples_total", "Joined examples published.", ["model"])

@@ -1,0 +1,164 @@
+"""Event and message schemas (pydantic v2) shared by every service.
+
+``EventIn`` is what a producer sends; ``Event`` is what travels on ``rtml.events``: ``event_id`` always
+set, ``ts`` always epoch milliseconds. Validation that needs the clock (future timestamps) is done by
+``normalize_event`` so the models stay pure.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+SCHEMA_VERSION = "1"
+
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+PropertyValue = StrictBool | StrictInt | StrictFloat | StrictStr
+
+
+def parse_ts(value: object) -> int:
+    """RFC 3339 string or epoch milliseconds -> epoch milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("ts must be finite")
+        return int(value)
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("ts must be RFC 3339 (e.g. 2026-01-31T12:00:00Z) or epoch ms") from None
+        if dt.tzinfo is None:
+            raise ValueError("ts needs a UTC offset (e.g. Z or +01:00)")
+        return int(dt.timestamp() * 1000)
+    raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: Id | None = None
+    type: Annotated[str, Field(min_length=1, max_length=128)]
+    user_id: Id | None = None
+    item_id: Id | None = None
+    ts: int | None = None
+    properties: dict[Annotated[str, Field(min_length=1, max_length=128)], PropertyValue] = Field(
+        default_factory=dict, max_length=128
+    )
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, v: object) -> int | None:
+        return None if v is None else parse_ts(v)
+
+    @field_validator("properties")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, val in v.items():
+            if isinstance(val, float) and not math.isfinite(val):
+                raise ValueError(f"property {key!r} must be a finite number")
+            if isinstance(val, str) and len(val) > 4096:
+                raise ValueError(f"property {key!r} is longer than 4096 characters")
+        return v
+
+
+class Event(BaseModel):
+    """A normalised event as published on ``rtml.events``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    type: str
+    user_id: str | None = None
+    item_id: str | None = None
+    ts: int
+    received_at: int
+    properties: dict[str, bool | int | float | str] = Field(default_factory=dict)
+
+    def field(self, path: str) -> Any:
+        """Value at a dotted path such as ``properties.amount`` or ``item_id``; None when absent."""
+        if path.startswith("properties."):
+            return self.properties.get(path[len("properties.") :])
+        return getattr(self, path, None)
+
+
+def normalize_event(ev: EventIn, now_ms: int, max_future_ms: int) -> Event:
+    """Fill event_id and ts; reject timestamps too far in the future. Raises ValueError naming the field."""
+    ts = now_ms if ev.ts is None else ev.ts
+    if ts > now_ms + max_future_ms:
+        raise ValueError(f"ts is more than {max_future_ms // 1000} s in the future")
+    return Event(
+        event_id=ev.event_id or uuid.uuid4().hex,
+        type=ev.type,
+        user_id=ev.user_id,
+        item_id=ev.item_id,
+        ts=ts,
+        received_at=now_ms,
+        properties=ev.properties,
+    )
+
+
+class PredictionLogged(BaseModel):
+    """One prediction on ``rtml.predictions``, with the exact feature values the model saw."""
+
+    prediction_id: str
+    model: str
+    version: str
+    entities: dict[str, str]
+    features: dict[str, float | None]
+    score: float
+    degraded: bool
+    ts: int
+    item_id: str | None = None
+
+
+class OutcomeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_id: Id
+    label: StrictBool | StrictInt | StrictFloat
+    item_id: Id | None = None
+    ts: int | None = None
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, v: object) -> int | None:
+        return None if v is None else parse_ts(v)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: bool | int | float) -> bool | int | float:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("label must be a finite number")
+        return v
+
+
+class Outcome(BaseModel):
+    """An outcome on ``rtml.outcomes``."""
+
+    prediction_id: str
+    label: float
+    item_id: str | None = None
+    ts: int
+    received_at: int
+
+
+class Example(BaseModel):
+    """A prediction joined with its label, on ``rtml.examples``: tomorrow's training row."""
+
+    prediction_id: str
+    model: str
+    version: str
+    entities: dict[str, str]
+    features: dict[str, float | None]
+    score: float
+    label: float
+    predicted_at: int
+    labelled_at: int

@@ -1,0 +1,118 @@
+"""The one settings object of rtml.
+
+Every setting is an environment variable prefixed ``RTML_`` (also read from ``.env``). Nested groups use a
+single underscore after the group name, so ``RTML_KAFKA_BOOTSTRAP`` sets ``settings.kafka.bootstrap`` and
+``RTML_REDIS_URL`` sets ``settings.redis.url`` exactly as the contract names them.
+Settings are frozen once built: pass them around, never read ``os.environ`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rtml.core.timeutil import Duration
+
+ServiceName = Literal["ingest", "features", "serving", "feedback"]
+SERVICES: tuple[ServiceName, ...] = ("ingest", "features", "serving", "feedback")
+
+
+class KafkaSettings(BaseModel):
+    """Kafka client options. SASL/SSL pass straight through to aiokafka for real clusters."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap: str | None = None
+    client_id: str = "rtml"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    # Tansu (the embedded broker) rejects the idempotent producer; turn it on for Apache Kafka.
+    enable_idempotence: bool = False
+    linger_ms: int = 2
+    request_timeout_ms: int = 10_000
+    # How long a publish may wait for the broker before ingest answers 503.
+    publish_timeout_s: float = 5.0
+    # Low fetch wait: the default 500 ms adds ~130 ms per hop on Tansu.
+    fetch_max_wait_ms: int = 10
+    session_timeout_ms: int = 6_000
+    heartbeat_interval_ms: int = 1_000
+    max_poll_records: int = 2_000
+    partitions: int = 4
+    replication_factor: int = 1
+
+
+class RedisSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    url: str | None = None
+    # Every key starts with this; tests use a random one per test so they never collide.
+    key_prefix: str = "rtml:"
+    max_connections: int = 64
+    socket_timeout_s: float = 2.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RTML_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+
+    config: Path | None = Field(default=None, description="Path of rtml.yaml")
+    topic_prefix: str = "rtml."
+    api_keys: SecretStr | None = None
+    log_level: str = "INFO"
+
+    host: str = "127.0.0.1"
+    ingest_port: int = 8001
+    features_port: int = 8002
+    serving_port: int = 8003
+    feedback_port: int = 8004
+
+    # Duplicates (same event_id) count once within this horizon; never shorter than the longest window.
+    dedup_horizon: Duration = Field(default=24 * 3600 * 1000, description="ms; accepts 24h, 90m, 3600s")
+    # Events with a ts further than this in the future are rejected by ingest.
+    max_future_s: int = 300
+    max_batch_events: int = 10_000
+    max_body_bytes: int = 10 * 1024 * 1024
+
+    # serving
+    model_poll_interval_s: float = 1.0
+    prediction_log_buffer: int = 10_000
+    # feedback: how long a prediction waits for its outcome (and an outcome for its prediction)
+    join_ttl: Duration = 3600 * 1000
+
+    def port_of(self, service: ServiceName) -> int:
+        return int(getattr(self, f"{service}_port"))
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def platform_config_path(self) -> Path:
+        """`RTML_CONFIG`, else ./rtml.yaml, else the bundled demo config."""
+        if self.config is not None:
+            return self.config
+        local = Path("rtml.yaml")
+        if local.is_file():
+            return local
+        return Path(__file__).resolve().parent.parent / "demo" / "rtml.yaml"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with explicit overrides (tests, the CLI) on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]
