@@ -25,7 +25,12 @@ async def test_published_records_are_consumed_with_schema_header_and_bad_ones_de
             "events", [(b"u1", orjson.dumps({"n": i})) for i in range(5)] + [(b"u2", b"{not json")]
         )
         loop: ConsumerLoop[object] = ConsumerLoop(
-            settings, name="t", topics=["events"], group_id="t", decode=decode_json, handle=handle,
+            settings,
+            name="t",
+            topics=["events"],
+            group_id="t",
+            decode=decode_json,
+            handle=handle,
             producer=producer,
         )
         async with loop:
@@ -37,7 +42,12 @@ async def test_published_records_are_consumed_with_schema_header_and_bad_ones_de
             dead.extend(c.value for c in batch)
 
         dl: ConsumerLoop[ConsumerRecord] = ConsumerLoop(
-            settings, name="dl", topics=["deadletter"], group_id="dl", decode=lambda r: r, handle=handle_dead,
+            settings,
+            name="dl",
+            topics=["deadletter"],
+            group_id="dl",
+            decode=lambda r: r,
+            handle=handle_dead,
             producer=producer,
         )
         async with dl:
@@ -65,7 +75,12 @@ async def test_committed_offsets_resume_and_uncommitted_batches_are_redelivered(
     async with Producer(settings) as producer:
         await producer.send_many("events", [(b"k", orjson.dumps({"n": i})) for i in range(3)])
         loop: ConsumerLoop[object] = ConsumerLoop(
-            settings, name="t", topics=["events"], group_id="g", decode=decode_json, handle=handle,
+            settings,
+            name="t",
+            topics=["events"],
+            group_id="g",
+            decode=decode_json,
+            handle=handle,
             producer=producer,
         )
         async with loop:
@@ -75,7 +90,12 @@ async def test_committed_offsets_resume_and_uncommitted_batches_are_redelivered(
         await producer.send_many("events", [(b"k", orjson.dumps({"n": 3}))])
         seen.clear()
         again: ConsumerLoop[object] = ConsumerLoop(
-            settings, name="t2", topics=["events"], group_id="g", decode=decode_json, handle=handle,
+            settings,
+            name="t2",
+            topics=["events"],
+            group_id="g",
+            decode=decode_json,
+            handle=handle,
             producer=producer,
         )
         async with again:

@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,8 +33,18 @@ ReadinessCheck = Callable[[], Awaitable[None]]
 OpenHook = Callable[[FastAPI, Settings], AbstractAsyncContextManager[dict[str, ReadinessCheck]]]
 
 
-def error_response(exc: RtmlError) -> ORJSONResponse:
-    return ORJSONResponse(exc.to_body(), status_code=exc.status, headers=exc.headers())
+class JSONBytes(Response):
+    """JSON rendered by orjson, for responses built by hand (errors, health). Routes with a
+    response model are serialised by pydantic directly, which FastAPI now prefers."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: RtmlError) -> JSONBytes:
+    return JSONBytes(exc.to_body(), status_code=exc.status, headers=exc.headers())
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -121,7 +132,6 @@ def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> 
     app = FastAPI(
         title=f"rtml {service}",
         version=__version__,
-        default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -129,33 +139,31 @@ def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> 
     app.state.checks = {}
 
     @app.exception_handler(RtmlError)
-    async def _rtml_error(request: Request, exc: RtmlError) -> ORJSONResponse:
+    async def _rtml_error(request: Request, exc: RtmlError) -> JSONBytes:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONBytes:
         body = {"error": {"code": "invalid", "message": "request does not validate",
                           "details": _validation_details(exc)}}  # fmt: skip
-        return ORJSONResponse(body, status_code=422)
+        return JSONBytes(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONBytes:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return ORJSONResponse(
-            {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code
-        )
+        return JSONBytes({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONBytes:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return ORJSONResponse({"error": {"code": "internal", "message": "internal error"}}, status_code=500)
+        return JSONBytes({"error": {"code": "internal", "message": "internal error"}}, status_code=500)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "service": service}
 
     @app.get("/readyz", include_in_schema=False)
-    async def readyz(request: Request) -> ORJSONResponse:
+    async def readyz(request: Request) -> JSONBytes:
         failed: dict[str, str] = {}
         for name, check in request.app.state.checks.items():
             try:
@@ -165,12 +173,12 @@ def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> 
             except Exception as exc:
                 failed[name] = repr(exc)
         if failed:
-            return ORJSONResponse(
+            return JSONBytes(
                 {"status": "unavailable", "failed": failed,
                  "error": {"code": "unavailable", "message": "not ready: " + ", ".join(sorted(failed))}},
                 status_code=503, headers={"Retry-After": "1"},
             )  # fmt: skip
-        return ORJSONResponse({"status": "ready", "service": service})
+        return JSONBytes({"status": "ready", "service": service})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> PlainTextResponse:

@@ -127,13 +127,9 @@ class Producer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            futures = [
-                await self._producer.send(full, value=value, key=key, headers=hdrs) for key, value in records
-            ]
+            futures = [await self._producer.send(full, value=value, key=key, headers=hdrs) for key, value in records]
             if futures:
-                await asyncio.wait_for(
-                    asyncio.gather(*futures), timeout=self._settings.kafka.publish_timeout_s
-                )
+                await asyncio.wait_for(asyncio.gather(*futures), timeout=self._settings.kafka.publish_timeout_s)
         except (KafkaError, TimeoutError) as exc:
             metrics.KAFKA_PUBLISH_ERRORS.labels(topic=topic).inc()
             raise DependencyUnavailable("kafka", f"Kafka did not acknowledge the publish: {exc!r}") from exc
@@ -240,7 +236,7 @@ class ConsumerLoop(Generic[T]):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def run(self, *, timeout: float | None = None, count: int | None = None) -> int:
+    async def run(self, *, timeout: float | None = None, count: int | None = None) -> int:  # noqa: ASYNC109
         """Consume until stopped, or until ``timeout`` seconds passed, or ``count`` records were handled."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

@@ -70,7 +70,7 @@ async def guarded(call: Awaitable[T], what: str = "Redis call") -> T:
     """Await a Redis call, mapping connection failures to DependencyUnavailable (503 / consumer retry)."""
     try:
         return await call
-    except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
     except RedisError as exc:
         if "LOADING" in str(exc) or "BUSY" in str(exc):
