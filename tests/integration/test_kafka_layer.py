@@ -101,3 +101,35 @@ async def test_committed_offsets_resume_and_uncommitted_batches_are_redelivered(
         async with again:
             await again.run(timeout=20, count=1)
     assert seen == [3]  # only what was not committed before
+
+
+async def test_a_poison_record_is_dead_lettered_and_the_rest_of_its_batch_is_handled(settings: Settings) -> None:
+    handled: list[int] = []
+
+    async def handle(batch: list[Consumed[object]]) -> None:
+        for c in batch:
+            if c.value["n"] == 2:  # type: ignore[index]
+                raise ValueError("cannot apply n=2")
+        handled.extend(c.value["n"] for c in batch)  # type: ignore[index]
+
+    async with Producer(settings) as producer:
+        await producer.send_many("events", [(b"k", orjson.dumps({"n": i})) for i in range(5)])
+        loop: ConsumerLoop[object] = ConsumerLoop(
+            settings, name="p", topics=["events"], group_id="p", decode=decode_json, handle=handle, producer=producer
+        )
+        async with loop:
+            await loop.run(timeout=20, count=5)
+        dead: list[ConsumerRecord] = []
+
+        async def handle_dead(batch: list[Consumed[ConsumerRecord]]) -> None:
+            dead.extend(c.value for c in batch)
+
+        dl: ConsumerLoop[ConsumerRecord] = ConsumerLoop(
+            settings, name="dl", topics=["deadletter"], group_id="dl", decode=lambda r: r, handle=handle_dead,
+            producer=producer,
+        )  # fmt: skip
+        async with dl:
+            await dl.run(timeout=20, count=1)
+    assert sorted(handled) == [0, 1, 3, 4]
+    assert [orjson.loads(d.value) for d in dead] == [{"n": 2}]
+    assert dict(dead[0].headers)[REASON_HEADER] == b"ValueError: cannot apply n=2"

@@ -215,6 +215,7 @@ class ConsumerLoop(Generic[T]):
         )
         self.processed = 0
         self.healthy = True
+        self._task: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
         try:
@@ -224,6 +225,27 @@ class ConsumerLoop(Generic[T]):
 
     async def stop(self) -> None:
         self._stopping.set()
+
+    def run_in_background(self) -> asyncio.Task[int]:
+        """Start ``run()`` as a task; ``ready()`` then reports whether it is still consuming."""
+        self._task = asyncio.create_task(self.run(), name=f"consumer-{self.name}")
+        return self._task
+
+    async def ready(self) -> None:
+        """Readiness check: the loop runs and its last batch did not fail with a retriable error."""
+        task = self._task
+        if task is None or task.done():
+            raise DependencyUnavailable("consumer", f"the {self.name} consumer is not running")
+        if not self.healthy:
+            raise DependencyUnavailable("consumer", f"the {self.name} consumer is retrying a batch")
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop after the current batch (committed), then leave the group."""
+        await self.stop()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, timeout_s)
+        await self.close()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -246,7 +268,12 @@ class ConsumerLoop(Generic[T]):
                 break
             if count is not None and self.processed >= count:
                 break
-            batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_records)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_records)
+            except KafkaError as exc:
+                log.warning("%s: fetch failed (%s); retrying", self.name, exc)
+                await asyncio.sleep(0.5)
+                continue
             if not batches:
                 continue
             try:
@@ -267,6 +294,19 @@ class ConsumerLoop(Generic[T]):
             backoff = 0.1
         return self.processed
 
+    async def _isolate(self, batch: list[Consumed[T]], cause: BaseException) -> None:
+        """The batch failed for a non-retriable reason: retry record by record, dead-letter the culprits."""
+        log.warning("%s: batch failed (%r); retrying record by record", self.name, cause)
+        for item in batch:
+            try:
+                await self._handle([item])
+            except RtmlError as exc:
+                if exc.retriable:
+                    raise
+                await self._producer.dead_letter(item.record, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                await self._producer.dead_letter(item.record, f"{type(exc).__name__}: {exc}")
+
     async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         decoded: list[Consumed[T]] = []
         for records in batches.values():
@@ -276,7 +316,14 @@ class ConsumerLoop(Generic[T]):
                 except (UnprocessableRecord, ValueError) as exc:
                     await self._producer.dead_letter(rec, f"{type(exc).__name__}: {exc}")
         if decoded:
-            await self._handle(decoded)
+            try:
+                await self._handle(decoded)
+            except RtmlError as exc:
+                if exc.retriable:
+                    raise
+                await self._isolate(decoded, exc)
+            except Exception as exc:  # a poison record must not stop the partition
+                await self._isolate(decoded, exc)
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
         try:
             await self._consumer.commit(offsets)

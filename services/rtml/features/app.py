@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -39,18 +38,15 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
     async with Producer(settings) as producer:
         consumer = features_consumer(settings, store, producer)
         await consumer.start()
-        task = asyncio.create_task(consumer.run(), name="features-consumer")
+        consumer.run_in_background()
 
         async def redis_ready() -> None:
             await rredis.ping(redis)
 
         try:
-            yield {"kafka": producer.ping, "redis": redis_ready}
+            yield {"kafka": producer.ping, "redis": redis_ready, "consumer": consumer.ready}
         finally:
-            await consumer.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
-            await consumer.close()
+            await consumer.shutdown()
             await redis.aclose()
 
 
