@@ -106,7 +106,8 @@ def test_quality_sums_summarize_per_version() -> None:
     sums = increments([ex, ex0])["ctr"]
     q = summarize("ctr", {k: str(v) for k, v in sums.items()} | {"junk": "1"})
     [v] = q.versions
-    assert (v.version, v.count, v.positive_rate, v.mean_score) == ("3", 2, 0.5, pytest.approx(0.8))
+    assert (v.version, v.count, v.positive_rate) == ("3", 2, 0.5)
+    assert v.mean_score == pytest.approx(0.8)
     assert v.log_loss == pytest.approx((log_loss(0.8, 1.0) + log_loss(0.8, 0.0)) / 2)
     assert v.auc is None and v.calibration is None and v.score_drift is None
     assert summarize("ctr", {}).versions == []

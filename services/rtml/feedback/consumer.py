@@ -1,0 +1,113 @@
+"""The join consumer: reads ``predictions`` and ``outcomes``, joins them by prediction_id, emits ``examples``.
+
+Per batch: one pipelined round trip applies every record to its slot (``join.lua``), ``join.decide``
+turns each slot into a decision, then the quality sums are updated and the examples published (acks=all)
+before the consumer loop commits the batch. Any retriable failure (Redis or Kafka down) makes the loop
+retry the whole batch; re-applying it is safe, see ``rtml.feedback.join`` for the delivery guarantees.
+Records that do not validate as ``PredictionLogged`` / ``Outcome`` go to the dead-letter topic from
+``decode`` (the consumer loop does that for any ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka import ConsumerRecord
+
+from rtml.core import metrics
+from rtml.core.errors import UnprocessableRecord
+from rtml.core.kafka import Consumed, Producer, encode
+from rtml.core.redis import Keys, Redis
+from rtml.core.schemas import Outcome, PredictionLogged
+from rtml.core.settings import Settings
+from rtml.feedback import quality
+from rtml.feedback.join import OUTCOME, PREDICTION, Decision, Side, Slot, decide
+from rtml.feedback.store import Apply, JoinStore
+
+log = logging.getLogger(__name__)
+
+TOPICS = ("predictions", "outcomes")
+GROUP_ID = "feedback"
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    side: Side
+    prediction_id: str
+    value: bytes  # the record value as received, stored in the slot as is
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRecord:
+    """Enough of a ConsumerRecord to dead-letter an outcome that was parked by an earlier batch."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+def token(record: ConsumerRecord) -> str:
+    """A record's identity, stable across redeliveries."""
+    return f"{record.topic}:{record.partition}:{record.offset}"
+
+
+def parked_record(tok: str, prediction_id: str, value: bytes) -> ParkedRecord:
+    topic, partition, offset = tok.rsplit(":", 2)
+    return ParkedRecord(topic, int(partition), int(offset), prediction_id.encode(), value)
+
+
+class Joiner:
+    def __init__(self, settings: Settings, redis: Redis, producer: Producer) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.producer = producer
+        self.keys = Keys(settings.redis.key_prefix)
+        self.store = JoinStore(redis, self.keys, settings.join_ttl)
+        self._predictions = settings.topic("predictions")
+        self._outcomes = settings.topic("outcomes")
+
+    def decode(self, record: ConsumerRecord) -> Incoming:
+        """Validate a record; a ValueError here sends it to the dead-letter topic."""
+        if record.value is None:
+            raise UnprocessableRecord("empty record value")
+        value = bytes(record.value)
+        if record.topic == self._predictions:
+            p = PredictionLogged.model_validate_json(value)
+            return Incoming(PREDICTION, p.prediction_id, value)
+        if record.topic == self._outcomes:
+            o = Outcome.model_validate_json(value)
+            return Incoming(OUTCOME, o.prediction_id, value)
+        raise UnprocessableRecord(f"feedback does not consume topic {record.topic}")
+
+    async def handle(self, batch: list[Consumed[Incoming]]) -> None:
+        applies = [Apply(c.value.side, c.value.prediction_id, c.value.value, token(c.record)) for c in batch]
+        slots = await self.store.apply(applies)
+        decisions = [decide(a.side, a.token, s, self.settings.join_ttl) for a, s in zip(applies, slots, strict=True)]
+
+        examples = [d.example for d in decisions if d.example is not None]
+        first = [d.example for d in decisions if d.example is not None and d.first]
+        # Counted and summed before publishing: a failed publish retries the batch, then ``first`` is False.
+        self._count(decisions)
+        await quality.record(self.redis, self.keys, first)
+        if examples:
+            await self.producer.send_many("examples", [(ex.prediction_id.encode(), encode(ex)) for ex in examples])
+        for c, a, slot, d in zip(batch, applies, slots, decisions, strict=True):
+            if d.dead_letter_reason is not None:
+                await self.producer.dead_letter(self._outcome_record(c, a, slot), d.dead_letter_reason)
+
+    def _outcome_record(self, c: Consumed[Incoming], a: Apply, slot: Slot) -> ConsumerRecord | ParkedRecord:
+        if a.side == OUTCOME or slot.outcome is None or slot.outcome_token is None:
+            return c.record
+        # The prediction completed the pair; the late outcome is the one parked before it.
+        return parked_record(slot.outcome_token, a.prediction_id, slot.outcome)
+
+    @staticmethod
+    def _count(decisions: list[Decision]) -> None:
+        for d in decisions:
+            if d.count is not None:
+                metrics.OUTCOMES.labels(result=d.count).inc()
+            if d.example is not None and d.first:
+                metrics.EXAMPLES.labels(model=d.example.model).inc()

@@ -1,0 +1,53 @@
+"""HTTP routes of feedback: accept outcomes, report online model quality."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+
+from rtml.core.app import SettingsDep, require
+from rtml.core.errors import InvalidInput
+from rtml.core.kafka import Producer
+from rtml.core.redis import Keys, Redis
+from rtml.core.schemas import Outcome, OutcomeIn
+from rtml.core.timeutil import now_ms
+from rtml.feedback import quality
+
+router = APIRouter(prefix="/v1")
+
+
+def to_outcome(body: OutcomeIn, received_at: int, max_future_ms: int) -> Outcome:
+    """The outcome as published: ``ts`` defaults to receive time, the label is a float."""
+    ts = received_at if body.ts is None else body.ts
+    if ts > received_at + max_future_ms:
+        raise InvalidInput(
+            "outcome does not validate",
+            details=[{"field": "ts", "message": f"ts is more than {max_future_ms // 1000} s in the future"}],
+        )
+    return Outcome(
+        prediction_id=body.prediction_id,
+        label=float(body.label),
+        item_id=body.item_id,
+        ts=ts,
+        received_at=received_at,
+    )
+
+
+@router.post("/outcomes", status_code=202, dependencies=[require("ingest")])
+async def post_outcome(body: OutcomeIn, request: Request, settings: SettingsDep) -> dict[str, int]:
+    """Publish one outcome on ``outcomes`` (keyed by prediction_id); 202 once the broker acknowledged it."""
+    outcome = to_outcome(body, now_ms(), settings.max_future_s * 1000)
+    producer: Producer = request.app.state.producer
+    await producer.send("outcomes", outcome, key=outcome.prediction_id.encode())
+    return {"accepted": 1}
+
+
+@router.get("/models/{name}/quality", dependencies=[require("read")])
+async def get_quality(
+    name: Annotated[str, Path(min_length=1, max_length=256)], request: Request, settings: SettingsDep
+) -> quality.ModelQuality:
+    """Online quality per version from the joined examples (cumulative sums; AUC, calibration and drift
+    are null until computed). A model with no joined example yet has an empty ``versions`` list."""
+    redis: Redis = request.app.state.redis
+    return await quality.read(redis, Keys(settings.redis.key_prefix), name)

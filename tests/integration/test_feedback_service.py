@@ -1,0 +1,182 @@
+"""The feedback service in-process against a real broker and Redis: outcomes in, joined examples out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiokafka import ConsumerRecord
+from prometheus_client import REGISTRY
+
+from rtml.core.kafka import REASON_HEADER, Consumed, ConsumerLoop, Producer
+from rtml.core.schemas import Example, PredictionLogged
+from rtml.core.settings import Settings
+from rtml.core.timeutil import now_ms
+from rtml.feedback.app import create_app
+
+pytestmark = pytest.mark.integration
+
+
+@asynccontextmanager
+async def service(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://feedback") as client:
+            yield client
+
+
+def prediction(pid: str, *, ts: int | None = None, score: float = 0.75) -> PredictionLogged:
+    return PredictionLogged(
+        prediction_id=pid, model="ctr", version="7", entities={"user_id": "u1", "item_id": "i9"},
+        features={"user_clicks_5m": 3.0, "item_ctr_1h": 0.125, "user_items_24h": None},
+        score=score, degraded=False, ts=now_ms() if ts is None else ts, item_id="i9",
+    )  # fmt: skip
+
+
+async def publish_prediction(settings: Settings, p: PredictionLogged) -> None:
+    async with Producer(settings) as producer:
+        await producer.send("predictions", p, key=p.prediction_id.encode())
+
+
+async def consume(
+    settings: Settings, topic: str, count: int, timeout: float = 30, group: str = "test"
+) -> list[ConsumerRecord]:
+    """Read ``topic`` from the start with a fresh consumer group, until ``count`` records or ``timeout``."""
+    got: list[ConsumerRecord] = []
+
+    async def handle(batch: list[Consumed[ConsumerRecord]]) -> None:
+        got.extend(c.value for c in batch)
+
+    async with Producer(settings) as producer:
+        loop: ConsumerLoop[ConsumerRecord] = ConsumerLoop(
+            settings, name=f"test-{topic}", topics=[topic], group_id=f"{group}-{topic}", decode=lambda r: r,
+            handle=handle, producer=producer,
+        )  # fmt: skip
+        async with loop:
+            await loop.run(timeout=timeout, count=count)
+    return got
+
+
+def outcomes(result: str) -> float:
+    return REGISTRY.get_sample_value("rtml_outcomes_total", {"result": result}) or 0.0
+
+
+async def wait_for(predicate: Any, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_outcome_joins_its_prediction_once_and_quality_reflects_it(settings: Settings) -> None:
+    p = prediction("pred-1")
+    await publish_prediction(settings, p)
+    duplicates = outcomes("duplicate")
+    async with service(settings) as client:
+        r = await client.post("/v1/outcomes", json={"prediction_id": "pred-1", "label": 1})
+        assert r.status_code == 202, r.text
+        assert r.json() == {"accepted": 1}
+
+        [record] = await consume(settings, "examples", 1)
+        assert record.key == b"pred-1"
+        ex = Example.model_validate_json(record.value)
+        assert ex.features == p.features
+        assert (ex.score, ex.label, ex.model, ex.version, ex.entities) == (0.75, 1.0, "ctr", "7", p.entities)
+        assert ex.predicted_at == p.ts and ex.labelled_at >= p.ts
+
+        # A second outcome for the same prediction is a duplicate: counted, never re-joined.
+        r = await client.post("/v1/outcomes", json={"prediction_id": "pred-1", "label": 0.0})
+        assert r.status_code == 202
+        await wait_for(lambda: outcomes("duplicate") >= duplicates + 1)
+
+        q = await client.get("/v1/models/ctr/quality")
+        assert q.status_code == 200
+        body = q.json()
+        assert body["model"] == "ctr"
+        [v] = body["versions"]
+        assert (v["version"], v["count"], v["positive_rate"], v["mean_score"]) == ("7", 1, 1.0, 0.75)
+        assert v["log_loss"] == pytest.approx(0.2876820724517809)
+        assert v["auc"] is None and v["calibration"] is None and v["score_drift"] is None
+
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+    assert len(await consume(settings, "examples", 2, timeout=8, group="recount")) == 1
+
+
+async def test_outcome_before_its_prediction_joins_when_the_prediction_arrives(settings: Settings) -> None:
+    unmatched = outcomes("unmatched")
+    async with service(settings) as client:
+        r = await client.post("/v1/outcomes", json={"prediction_id": "early", "label": False, "ts": now_ms()})
+        assert r.status_code == 202
+        await wait_for(lambda: outcomes("unmatched") >= unmatched + 1)
+        p = prediction("early", ts=now_ms() - 1_000, score=0.2)
+        await publish_prediction(settings, p)
+        [record] = await consume(settings, "examples", 1)
+    ex = Example.model_validate_json(record.value)
+    assert (ex.prediction_id, ex.label, ex.score, ex.features) == ("early", 0.0, 0.2, p.features)
+
+
+async def test_late_outcome_goes_to_the_dead_letter_topic_with_its_reason(settings: Settings) -> None:
+    p = prediction("old", ts=now_ms() - 2 * settings.join_ttl)
+    await publish_prediction(settings, p)
+    async with service(settings) as client:
+        r = await client.post("/v1/outcomes", json={"prediction_id": "old", "label": 1})
+        assert r.status_code == 202
+        [dead] = await consume(settings, "deadletter", 1)
+        assert dead.key == b"old"
+        assert orjson.loads(dead.value)["prediction_id"] == "old"
+        assert b"late" in dict(dead.headers)[REASON_HEADER]
+        assert await consume(settings, "examples", 1, timeout=5) == []
+
+
+async def test_undecodable_prediction_records_are_dead_lettered(settings: Settings) -> None:
+    async with Producer(settings) as producer:
+        await producer.send_many("predictions", [(b"x", b'{"prediction_id": "x"}')])
+    async with service(settings):
+        [dead] = await consume(settings, "deadletter", 1)
+    assert b"ValidationError" in dict(dead.headers)[REASON_HEADER]
+
+
+INVALID: list[tuple[dict[str, Any], str]] = [
+    ({"label": 1}, "prediction_id"),
+    ({"prediction_id": "p", "label": "yes"}, "label"),
+    ({"prediction_id": "p", "label": None}, "label"),
+    ({"prediction_id": "", "label": 1}, "prediction_id"),
+    ({"prediction_id": "p", "label": 1, "ts": "yesterday"}, "ts"),
+    ({"prediction_id": "p", "label": 1, "extra": True}, "extra"),
+    ({"prediction_id": "p", "label": 1, "ts": now_ms() + 3_600_000}, "ts"),
+]
+
+
+async def test_invalid_outcomes_get_422_in_the_contract_shape(settings: Settings) -> None:
+    async with service(settings) as client:
+        for body, field in INVALID:
+            r = await client.post("/v1/outcomes", json=body)
+            assert r.status_code == 422, (body, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid"
+            assert any(d["field"].startswith(field) for d in err["details"]), (body, err)
+        r = await client.post("/v1/outcomes", content=b"{nope", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid"
+
+
+async def test_routes_need_their_scope_when_api_keys_are_set(make_settings: Any) -> None:
+    from rtml.core.kafka import create_topics
+
+    s: Settings = make_settings(api_keys="app:ingest,dash:read")
+    await create_topics(s)
+    async with service(s) as client:
+        body = {"prediction_id": "p", "label": 1}
+        assert (await client.post("/v1/outcomes", json=body)).status_code == 401
+        bad = await client.post("/v1/outcomes", json=body, headers={"Authorization": "Bearer dash"})
+        assert bad.status_code == 403
+        ok = await client.post("/v1/outcomes", json=body, headers={"Authorization": "Bearer app"})
+        assert ok.status_code == 202
+        q = await client.get("/v1/models/ctr/quality", headers={"Authorization": "Bearer dash"})
+        assert q.status_code == 200 and q.json()["versions"] == []
