@@ -1,0 +1,1 @@
+"""ONNX Runtime sessions: loading, validating and running models (no scikit-learn here)."""

@@ -1,0 +1,200 @@
+"""Training: synthetic (or logged) examples -> scikit-learn gradient boosting -> ONNX bytes + metadata.
+
+Nothing here runs on the request path: serving only ever loads the ONNX bytes with onnxruntime.
+GradientBoostingClassifier is used rather than HistGradientBoosting because skl2onnx 1.20 cannot export
+the latter with current onnx ("Expected an int, got a boolean"); on 3 features both are equally good.
+Missing values are filled with the model's defaults (else 0.0) before training, exactly as serving
+fills them, so the model never sees a NaN it was not trained on.
+"""
+
+from __future__ import annotations
+
+import getpass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from rtml import __version__
+from rtml.core.config import FeatureDef, PlatformConfig, load_config
+from rtml.core.errors import InvalidInput, NotFound
+from rtml.core.timeutil import now_ms
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "rtml.yaml"
+INPUT_NAME = "input"
+MIN_EXAMPLES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSet:
+    X: np.ndarray  # float32 [n, n_features], in ``features`` order, no NaN
+    y: np.ndarray  # int64 [n], 0/1
+    features: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedModel:
+    onnx_bytes: bytes
+    metadata: dict[str, Any]
+
+
+def model_defaults(config: PlatformConfig, model_name: str) -> dict[str, float]:
+    return dict(config.models[model_name].defaults)
+
+
+def _synthetic_column(rng: np.random.Generator, f: FeatureDef, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw values with NaN for "no data", their contribution to the true logit)."""
+    if f.agg == "ratio":
+        values = rng.beta(2.0, 18.0, n)  # CTR-like: mean 0.1
+        values[rng.random(n) < 0.1] = np.nan  # items never viewed in the window
+        return values, 12.0 * (np.nan_to_num(values) - 0.1)
+    if f.agg in ("count", "distinct_count"):
+        scale = 2.0 if f.window_ms and f.window_ms <= 600_000 else 12.0
+        values = rng.poisson(rng.gamma(1.5, scale / 1.5, n)).astype(np.float64)
+        # recent activity matters most; long-window breadth a little (diminishing returns)
+        weight = 0.9 if f.window_ms and f.window_ms <= 600_000 else 0.15
+        return values, weight * np.log1p(values)
+    values = rng.lognormal(3.0, 1.0, n)
+    values[rng.random(n) < 0.2] = np.nan
+    return values, 0.1 * np.log1p(np.nan_to_num(values))
+
+
+def make_training_set(
+    n: int, seed: int = 0, config: PlatformConfig | None = None, model_name: str = "ctr"
+) -> TrainingSet:
+    """Synthetic clickstream-like rows for ``model_name`` with a logistic ground truth.
+
+    More recent clicks and a higher item CTR mean more clicks. ``config`` defaults to the bundled demo config.
+    """
+    config = config or load_config(DEMO_CONFIG)
+    if model_name not in config.models:
+        raise NotFound(f"unknown model {model_name!r}")
+    features = list(config.models[model_name].features)
+    defaults = model_defaults(config, model_name)
+    rng = np.random.default_rng(seed)
+    cols = []
+    logit = np.full(n, -2.2)
+    for name in features:
+        values, contribution = _synthetic_column(rng, config.features[name], n)
+        logit += contribution
+        cols.append(np.where(np.isnan(values), defaults.get(name, 0.0), values))
+    p = 1.0 / (1.0 + np.exp(-logit))
+    y = (rng.random(n) < p).astype(np.int64)
+    X = np.column_stack(cols).astype(np.float32) if cols else np.zeros((n, 0), np.float32)
+    return TrainingSet(X, y, features)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None or isinstance(value, str):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def load_examples(path: Path, features: Sequence[str], defaults: dict[str, float]) -> TrainingSet:
+    """JSONL of ``{"features": {...}, "label": 0|1|float}`` (``rtml.examples`` records qualify)."""
+    rows: list[list[float]] = []
+    labels: list[int] = []
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read examples {path}: {exc.strerror}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+            feats = record.get("features") or {}
+            label = float(record["label"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise InvalidInput(f'{path}:{lineno}: expected {{"features": {{...}}, "label": 0|1}}') from None
+        row = []
+        for name in features:
+            v = _as_float(feats.get(name))
+            row.append(defaults.get(name, 0.0) if v is None else v)
+        rows.append(row)
+        labels.append(1 if label >= 0.5 else 0)
+    if len(rows) < MIN_EXAMPLES or len(set(labels)) < 2:
+        raise InvalidInput(f"{path}: need at least {MIN_EXAMPLES} examples with both labels, got {len(rows)}")
+    return TrainingSet(np.asarray(rows, np.float32), np.asarray(labels, np.int64), list(features))
+
+
+def fit_classifier(ts: TrainingSet, seed: int) -> tuple[Any, dict[str, Any]]:
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.model_selection import train_test_split
+
+    stratify = ts.y if min(np.bincount(ts.y, minlength=2)) >= 2 else None
+    X_tr, X_te, y_tr, y_te = train_test_split(ts.X, ts.y, test_size=0.2, random_state=seed, stratify=stratify)
+    clf = GradientBoostingClassifier(n_estimators=80, max_depth=3, learning_rate=0.1, random_state=seed)
+    clf.fit(X_tr, y_tr)
+    proba = clf.predict_proba(X_te)[:, 1]
+    auc = float(roc_auc_score(y_te, proba)) if len(set(y_te.tolist())) == 2 else float("nan")
+    stats = {
+        "auc": auc,
+        "logloss": float(log_loss(y_te, proba, labels=[0, 1])),
+        "n_train": len(y_tr),
+        "n_holdout": len(y_te),
+        "positive_rate": float(ts.y.mean()),
+        # the holdout score distribution: the reference for online score drift
+        "score_mean": float(proba.mean()),
+        "score_quantiles": [float(q) for q in np.quantile(proba, [0.1, 0.25, 0.5, 0.75, 0.9])],
+    }
+    return clf, stats
+
+
+def to_onnx_bytes(clf: Any, n_features: int) -> bytes:
+    """ONNX with one float32 input ``[N, n_features]`` and a plain probability tensor (no ZipMap)."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    onx = to_onnx(clf, initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
+                  options={id(clf): {"zipmap": False}})  # fmt: skip
+    data: bytes = onx.SerializeToString()
+    return data
+
+
+def train_model(
+    config: PlatformConfig,
+    model_name: str = "ctr",
+    examples: Path | None = None,
+    *,
+    n_synthetic: int = 20_000,
+    seed: int = 0,
+    created_by: str | None = None,
+) -> TrainedModel:
+    """Train ``model_name`` on ``examples`` (JSONL) or synthetic data; CPU-bound, call it in a thread."""
+    if model_name not in config.models:
+        raise NotFound(f"unknown model {model_name!r}: not in the platform config")
+    features = list(config.models[model_name].features)
+    defaults = model_defaults(config, model_name)
+    if examples is not None:
+        ts = load_examples(examples, features, defaults)
+    else:
+        ts = make_training_set(n_synthetic, seed, config, model_name)
+    clf, stats = fit_classifier(ts, seed)
+    metadata: dict[str, Any] = {
+        "features": features,
+        "defaults": defaults,
+        "task": "binary",
+        "metrics": {k: v for k, v in stats.items() if not (isinstance(v, float) and math.isnan(v))},
+        "source": str(examples) if examples is not None else "synthetic",
+        "algorithm": "sklearn.GradientBoostingClassifier",
+        "created_at": now_ms(),
+        "created_by": created_by or f"{_user()} (rtml {__version__})",
+    }
+    return TrainedModel(to_onnx_bytes(clf, len(features)), metadata)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

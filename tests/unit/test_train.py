@@ -1,0 +1,87 @@
+"""Training: synthetic data shape, ONNX export fidelity, examples loading, metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from rtml.core.config import load_config
+from rtml.core.errors import InvalidInput, NotFound
+from rtml.serving.inference.session import build_model, load_session
+from rtml.serving.train import DEMO_CONFIG, fit_classifier, make_training_set, to_onnx_bytes, train_model
+
+CONFIG = load_config(DEMO_CONFIG)
+
+
+def test_training_set_follows_the_config_order_and_has_no_nan() -> None:
+    ts = make_training_set(5_000, seed=1)
+    assert ts.features == list(CONFIG.models["ctr"].features)
+    assert ts.X.shape == (5_000, 3) and ts.X.dtype == np.float32
+    assert not np.isnan(ts.X).any()
+    assert 0.05 < ts.y.mean() < 0.6  # both classes, plausibly imbalanced
+
+
+def test_ground_truth_is_plausible() -> None:
+    ts = make_training_set(20_000, seed=2)
+    clicks, ctr = ts.X[:, 0], ts.X[:, 1]
+    assert ts.y[clicks >= np.quantile(clicks, 0.8)].mean() > ts.y[clicks <= np.quantile(clicks, 0.2)].mean()
+    assert ts.y[ctr >= np.quantile(ctr, 0.8)].mean() > ts.y[ctr <= np.quantile(ctr, 0.2)].mean()
+
+
+def test_onnx_agrees_with_sklearn() -> None:
+    ts = make_training_set(4_000, seed=3)
+    clf, _ = fit_classifier(ts, seed=3)
+    sess = load_session(to_onnx_bytes(clf, 3))
+    rng = np.random.default_rng(0)
+    rows = np.column_stack([rng.poisson(3, 500), rng.random(500), rng.poisson(15, 500)]).astype(np.float32)
+    rows = np.vstack([rows, ts.X[:500]])
+    (probs,) = sess.run(["probabilities"], {"input": rows})
+    np.testing.assert_allclose(probs[:, 1], clf.predict_proba(rows)[:, 1], atol=1e-4)
+
+
+def test_train_model_metadata_and_loadable() -> None:
+    trained = train_model(CONFIG, "ctr", n_synthetic=5_000)
+    md = trained.metadata
+    assert md["features"] == ["user_clicks_5m", "item_ctr_1h", "user_items_24h"]
+    assert md["defaults"] == {"item_ctr_1h": 0.0}
+    assert md["task"] == "binary"
+    assert md["metrics"]["auc"] > 0.6 and md["metrics"]["logloss"] > 0
+    assert md["created_at"] > 0 and md["created_by"]
+    model = build_model("ctr", "1", trained.onnx_bytes, md)
+    scores = model.predict(np.array([[0, 0.0, 0], [20, 0.5, 10]], np.float32))
+    assert scores.shape == (2,) and 0 <= scores[0] < scores[1] <= 1
+
+
+def test_train_from_examples(tmp_path: Path) -> None:
+    ts = make_training_set(400, seed=4)
+    path = tmp_path / "examples.jsonl"
+    lines = [
+        orjson.dumps({"features": dict(zip(ts.features, map(float, row), strict=True)), "label": int(label)})
+        for row, label in zip(ts.X, ts.y, strict=True)
+    ]
+    lines.append(orjson.dumps({"features": {"user_clicks_5m": 3, "item_ctr_1h": None}, "label": 1.0}))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    trained = train_model(CONFIG, "ctr", path)
+    assert trained.metadata["source"] == str(path)
+    assert trained.metadata["metrics"]["n_train"] + trained.metadata["metrics"]["n_holdout"] == 401
+
+
+def test_bad_examples_and_unknown_model(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"features": {}}\n')
+    with pytest.raises(InvalidInput):
+        train_model(CONFIG, "ctr", path)
+    with pytest.raises(NotFound):
+        train_model(CONFIG, "nope")
+
+
+def test_non_onnx_bytes_are_refused() -> None:
+    import pickle
+
+    with pytest.raises(InvalidInput):
+        load_session(pickle.dumps({"a": 1}))
+    with pytest.raises(InvalidInput):
+        build_model("ctr", "1", b"not a model", {"features": ["a"]})
