@@ -1,0 +1,66 @@
+"""The serving service: ONNX models kept in step with the registry, predictions logged to Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from rtml.core import redis as rredis
+from rtml.core.app import ReadinessCheck, build_app
+from rtml.core.config import load_config
+from rtml.core.errors import DependencyUnavailable
+from rtml.core.kafka import Producer
+from rtml.core.settings import Settings
+from rtml.features.store import FeatureStore
+from rtml.serving.inference.live import LiveModels
+from rtml.serving.predict import Predictor
+from rtml.serving.predictlog import PredictionLog
+from rtml.serving.registry import ModelRegistry
+from rtml.serving.routes import router
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, ReadinessCheck]]:
+    config = load_config(settings.platform_config_path())
+    keys = rredis.Keys(settings.redis.key_prefix)
+    redis = rredis.connect(settings)
+    registry = ModelRegistry(redis, keys)
+    live = LiveModels(registry, config.models)
+    try:
+        await live.refresh()
+    except DependencyUnavailable as exc:  # start anyway: the poller loads the models once Redis answers
+        log.warning("models not loaded at startup: %s", exc.message)
+    async with Producer(settings) as producer:
+        predlog = PredictionLog(producer, settings.prediction_log_buffer)
+        predlog.start()
+        poller = asyncio.create_task(live.run(settings.model_poll_interval_s), name="model-poller")
+        app.state.config = config
+        app.state.registry = registry
+        app.state.live = live
+        app.state.producer = producer
+        app.state.predlog = predlog
+        app.state.predictor = Predictor(config, FeatureStore(redis, keys, config), live, predlog)
+
+        async def redis_ready() -> None:
+            await rredis.ping(redis)
+
+        try:
+            yield {"kafka": producer.ping, "redis": redis_ready}
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await predlog.close()
+    await redis.aclose()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = build_app("serving", settings, _open)
+    app.include_router(router)
+    return app

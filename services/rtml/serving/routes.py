@@ -1,0 +1,163 @@
+"""Serving API: predict, recommend, and the model registry (list, upload, promote)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+
+from rtml.core.app import JSONBytes, require
+from rtml.core.errors import InvalidInput
+from rtml.core.kafka import Producer
+from rtml.serving.inference.live import LiveModels
+from rtml.serving.predict import Predictor
+from rtml.serving.registry import ModelRegistry
+
+router = APIRouter(prefix="/v1", tags=["serving"])
+
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+EntityValue = Annotated[StrictStr | StrictInt, Field()]
+FeatureInput = StrictFloat | StrictInt | None
+
+
+def _str_entities(v: dict[str, str | int]) -> dict[str, str]:
+    return {k: str(x) for k, x in v.items()}
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=64)] = "ctr"
+    entities: dict[str, EntityValue] = Field(default_factory=dict, max_length=32)
+    features: dict[str, FeatureInput] = Field(default_factory=dict, max_length=1024)
+
+    @field_validator("features")
+    @classmethod
+    def _finite(cls, v: dict[str, float | int | None]) -> dict[str, float | int | None]:
+        for key, val in v.items():
+            if isinstance(val, float) and not math.isfinite(val):
+                raise ValueError(f"feature {key!r} must be a finite number or null")
+        return v
+
+
+class PredictResponse(BaseModel):
+    prediction_id: str
+    model: str
+    version: str
+    score: float
+    degraded: bool
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=64)] = "ctr"
+    user_id: Id
+    candidates: list[Id] = Field(min_length=1, max_length=1000)
+    k: int = Field(default=10, ge=1, le=1000)
+
+
+class RankedItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    prediction_id: str
+    items: list[RankedItem]
+    model: str
+    version: str
+    degraded: bool
+
+
+class PromoteRequest(BaseModel):
+    version: Annotated[str, Field(min_length=1, max_length=32)] | StrictInt
+
+
+def _predictor(request: Request) -> Predictor:
+    p: Predictor = request.app.state.predictor
+    return p
+
+
+def _registry(request: Request) -> ModelRegistry:
+    r: ModelRegistry = request.app.state.registry
+    return r
+
+
+@router.post("/predict", response_model=PredictResponse, dependencies=[require("predict")])
+async def predict(request: Request, body: PredictRequest) -> Any:
+    """Score one set of entities. Request ``features`` override stored ones; missing ones take the model's
+    defaults (else 0.0). ``degraded`` is true when the feature store could not be read."""
+    s = await _predictor(request).predict(body.model, _str_entities(body.entities), body.features)
+    return JSONBytes({"prediction_id": s.prediction_id, "model": s.model, "version": s.version,
+                      "score": s.scores[0], "degraded": s.degraded})  # fmt: skip
+
+
+@router.post("/recommend", response_model=RecommendResponse, dependencies=[require("predict")])
+async def recommend(request: Request, body: RecommendRequest) -> Any:
+    """Rank ``candidates`` for ``user_id`` and return the top ``k`` (one feature read, one ONNX call)."""
+    s, top = await _predictor(request).recommend(body.model, body.user_id, body.candidates, body.k)
+    return JSONBytes({"prediction_id": s.prediction_id, "model": s.model, "version": s.version,
+                      "items": [{"item_id": i, "score": sc} for i, sc in top], "degraded": s.degraded})  # fmt: skip
+
+
+@router.get("/models", dependencies=[require("read")])
+async def list_models(request: Request) -> Any:
+    """Every model (from the config and the registry), its versions, the live one, and the one this replica
+    serves."""
+    live: LiveModels = request.app.state.live
+    models = await _registry(request).describe(live.config_models)
+    for m in models:
+        served = live.get(m["name"])
+        m["serving_version"] = served.version if served else None
+    return JSONBytes({"models": models})
+
+
+@router.post("/models/{name}/versions", status_code=201, dependencies=[require("admin")])
+async def upload_version(
+    request: Request,
+    name: str,
+    metadata: Annotated[str | None, Query(description='JSON object, e.g. {"features": ["a", "b"]}')] = None,
+    promote: Annotated[bool, Query(description="also make it live")] = False,
+) -> Any:
+    """Register a new version from raw ONNX bytes (the request body). For example::
+
+        curl -X POST --data-binary @model.onnx -H 'Content-Type: application/octet-stream' \\
+          'http://127.0.0.1:8003/v1/models/ctr/versions?promote=true&metadata={"features":["a","b"]}'
+
+    ``metadata`` (URL-encoded JSON) needs ``features`` (the ONNX input order) unless the model is in the
+    platform config, whose features and defaults are then used. 422 when onnxruntime cannot load the bytes
+    or the input does not match the features; pickles are never accepted.
+    """
+    meta: dict[str, Any] = {}
+    if metadata:
+        try:
+            meta = orjson.loads(metadata)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("metadata must be a JSON object") from None
+        if not isinstance(meta, dict):
+            raise InvalidInput("metadata must be a JSON object")
+    body = await request.body()
+    registry = _registry(request)
+    version = await registry.register(name, body, meta, request.app.state.config)
+    if promote:
+        await _promote(request, name, version)
+    return JSONBytes({"model": name, "version": version, "live": promote}, status_code=201)
+
+
+async def _promote(request: Request, name: str, version: str) -> None:
+    producer: Producer = request.app.state.producer
+    await _registry(request).promote(name, version, producer)
+    live: LiveModels = request.app.state.live
+    await live.refresh()  # this replica serves it now; the others within one poll interval
+
+
+@router.post("/models/{name}/promote", dependencies=[require("admin")])
+async def promote(request: Request, name: str, body: PromoteRequest) -> Any:
+    """Make ``version`` live: every replica serves it within one poll interval (this one at once)."""
+    version = str(body.version)
+    await _promote(request, name, version)
+    return JSONBytes({"model": name, "version": version, "live": True})
