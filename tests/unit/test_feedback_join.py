@@ -111,3 +111,14 @@ def test_quality_sums_summarize_per_version() -> None:
     assert v.log_loss == pytest.approx((log_loss(0.8, 1.0) + log_loss(0.8, 0.0)) / 2)
     assert v.auc is None and v.calibration is None and v.score_drift is None
     assert summarize("ctr", {}).versions == []
+
+
+def test_lanes_pair_a_prediction_record_with_outcomes_for_its_item_or_for_no_item() -> None:
+    from rtml.feedback.join import outcome_lane, prediction_lane
+
+    assert prediction_lane(PRED) == "-"
+    assert prediction_lane(PRED.model_copy(update={"item_id": "i9"})) == "i:i9"
+    assert outcome_lane(outcome()) == "*"
+    assert outcome_lane(outcome().model_copy(update={"item_id": "i9"})) == "i:i9"
+    # An item literally named "*" or "-" cannot collide with the special lanes.
+    assert outcome_lane(outcome().model_copy(update={"item_id": "*"})) == "i:*"

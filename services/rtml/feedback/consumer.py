@@ -22,7 +22,7 @@ from rtml.core.redis import Keys, Redis
 from rtml.core.schemas import Outcome, PredictionLogged
 from rtml.core.settings import Settings
 from rtml.feedback import quality
-from rtml.feedback.join import OUTCOME, PREDICTION, Decision, Side, Slot, decide
+from rtml.feedback.join import OUTCOME, PREDICTION, Decision, Side, Slot, decide, outcome_lane, prediction_lane
 from rtml.feedback.store import Apply, JoinStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ GROUP_ID = "feedback"
 class Incoming:
     side: Side
     prediction_id: str
+    lane: str
     value: bytes  # the record value as received, stored in the slot as is
 
 
@@ -76,14 +77,16 @@ class Joiner:
         value = bytes(record.value)
         if record.topic == self._predictions:
             p = PredictionLogged.model_validate_json(value)
-            return Incoming(PREDICTION, p.prediction_id, value)
+            return Incoming(PREDICTION, p.prediction_id, prediction_lane(p), value)
         if record.topic == self._outcomes:
             o = Outcome.model_validate_json(value)
-            return Incoming(OUTCOME, o.prediction_id, value)
+            return Incoming(OUTCOME, o.prediction_id, outcome_lane(o), value)
         raise UnprocessableRecord(f"feedback does not consume topic {record.topic}")
 
     async def handle(self, batch: list[Consumed[Incoming]]) -> None:
-        applies = [Apply(c.value.side, c.value.prediction_id, c.value.value, token(c.record)) for c in batch]
+        applies = [
+            Apply(c.value.side, c.value.prediction_id, c.value.lane, c.value.value, token(c.record)) for c in batch
+        ]
         slots = await self.store.apply(applies)
         decisions = [decide(a.side, a.token, s, self.settings.join_ttl) for a, s in zip(applies, slots, strict=True)]
 

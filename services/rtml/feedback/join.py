@@ -3,10 +3,16 @@
 The atomic state change lives in ``join.lua`` and is deliberately mechanical, so every rule that needs
 judgement is here and testable without Redis:
 
-- ``join.lua`` keeps, per prediction_id, one *slot* holding the first prediction record and the first
-  outcome record seen (each with the *token* of the Kafka record it came from: ``topic:partition:offset``),
-  and the ``claim``: the token of the record that completed the pair. A record claims the slot when its
-  own side is stored (it was the first of its side, or this is its redelivery) and the other side is there.
+- ``join.lua`` keeps, per prediction_id and *lane*, one *slot* holding the first prediction record and
+  the first outcome record seen (each with the *token* of the Kafka record it came from:
+  ``topic:partition:offset``), and the ``claim``: the token of the record that completed the pair. A record
+  claims the slot when its own side is stored (it was the first of its side, or this is its redelivery)
+  and the other side is there.
+- Lanes: ``/v1/recommend`` logs one prediction record per returned item, all sharing the response's
+  prediction_id, so a prediction record's lane is its ``item_id``. An outcome naming an ``item_id`` joins
+  that item's record; an outcome naming none joins the *first* record logged for the id (the only one for
+  ``/v1/predict``, the top-ranked item for ``/v1/recommend``; records of one id share a partition, so
+  "first" is well defined). A prediction logged without an item only matches outcomes naming no item.
 - ``decide`` reads the slot as the script left it and returns the result, the metric to count, the example
   to publish and whether the outcome goes to the dead-letter topic.
 
@@ -44,9 +50,17 @@ class Result(StrEnum):
     IGNORED = "ignored"  # a second prediction record with an already known prediction_id
 
 
+def prediction_lane(prediction: PredictionLogged) -> str:
+    return f"i:{prediction.item_id}" if prediction.item_id is not None else "-"
+
+
+def outcome_lane(outcome: Outcome) -> str:
+    return f"i:{outcome.item_id}" if outcome.item_id is not None else "*"
+
+
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """The join slot of one prediction_id after ``join.lua`` applied one record to it."""
+    """The join slot of one prediction_id and lane after ``join.lua`` applied one record to it."""
 
     mine: bool  # the slot's entry for this record's side came from this very record
     stored_now: bool  # ... and was written by this call (first delivery)

@@ -1,6 +1,6 @@
 """Redis side of the join: one slot hash per prediction_id, changed only by ``join.lua``.
 
-Layout: ``<prefix>{p:<prediction_id>}:join`` (a hash, see join.lua for its fields), TTL ``join_ttl``
+Layout: ``<prefix>{p:<prediction_id>}:join`` (a small hash, fields per lane, see join.lua), TTL ``join_ttl``
 after its last write, so the join state is bounded by the traffic of one join window. Every key of one
 prediction shares its ``{p:<id>}`` hash tag, so the script stays valid on Redis Cluster.
 """
@@ -21,10 +21,11 @@ def slot_key(keys: Keys, prediction_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Apply:
-    """One record to apply: its side, prediction_id, raw JSON value and Kafka token."""
+    """One record to apply: its side, prediction_id, lane (see join.py), raw JSON value and Kafka token."""
 
     side: Side
     prediction_id: str
+    lane: str
     value: bytes
     token: str
 
@@ -59,7 +60,7 @@ class JoinStore:
                 for r in records:
                     await self._script(
                         keys=[slot_key(self.keys, r.prediction_id)],
-                        args=[r.side, r.value, r.token, self.join_ttl_ms],
+                        args=[r.side, r.lane, r.value, r.token, self.join_ttl_ms],
                         client=pipe,
                     )
                 return list(await pipe.execute())
