@@ -180,3 +180,15 @@ async def test_routes_need_their_scope_when_api_keys_are_set(make_settings: Any)
         assert ok.status_code == 202
         q = await client.get("/v1/models/ctr/quality", headers={"Authorization": "Bearer dash"})
         assert q.status_code == 200 and q.json()["versions"] == []
+
+
+async def test_outcome_answers_503_with_retry_after_when_the_broker_does_not_ack(settings: Settings) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        producer: Producer = app.state.producer
+        await producer.stop()  # stands in for a broker that went away
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://feedback") as client:
+            r = await client.post("/v1/outcomes", json={"prediction_id": "p", "label": 1})
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "unavailable"
