@@ -66,6 +66,9 @@ INFERENCE_SECONDS = Histogram(
 PREDICTION_LOG_DROPPED = Counter(
     "rtml_prediction_log_dropped_total", "Prediction log records dropped because the buffer was full."
 )
+MODEL_LOAD_ERRORS = Counter("rtml_model_load_errors_total", "Live versions a replica failed to load.", ["model"])
+MODEL_POLL_ERRORS = Counter("rtml_model_poll_errors_total", "Registry polls that failed (Redis down).")
+PREDICTION_LOG_PENDING = Gauge("rtml_prediction_log_pending", "Prediction records waiting to be published.")
 MODEL_LIVE_VERSION = Gauge("rtml_model_live_info", "1 for the version each replica serves.", ["model", "version"])
 
 # feedback

@@ -53,6 +53,10 @@ class Keys:
     def seen(self, entity: str, entity_id: str) -> str:
         return f"{self.entity(entity, entity_id)}:seen"
 
+    def models_index(self) -> str:
+        """The set of registered model names (its own slot)."""
+        return f"{self.prefix}{{models}}"
+
     def model(self, name: str) -> str:
         return f"{self.prefix}{{model:{name}}}"
 

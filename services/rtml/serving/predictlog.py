@@ -81,6 +81,7 @@ class PredictionLog:
                     metrics.PREDICTION_LOG_DROPPED.inc(len(self._inflight))
                     break
             self._inflight = []
+            metrics.PREDICTION_LOG_PENDING.set(self._queue.qsize())
             if self._queue.empty():
                 self._idle.set()
 

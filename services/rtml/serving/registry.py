@@ -68,7 +68,7 @@ class ModelRegistry:
 
     @property
     def index_key(self) -> str:
-        return f"{self.keys.prefix}{{models}}"
+        return self.keys.models_index()
 
     # -- writes -------------------------------------------------------------------------------------
     async def register(

@@ -61,6 +61,7 @@ class LiveModels:
                     if isinstance(exc, DependencyUnavailable):
                         raise
                     self._failed[(name, version)] = time.monotonic()
+                    metrics.MODEL_LOAD_ERRORS.labels(model=name).inc()
                     log.error("cannot load model %s version %s: %s; still serving %s",
                               name, version, exc.message, current.version if current else "nothing")  # fmt: skip
 
@@ -81,6 +82,8 @@ class LiveModels:
             try:
                 await self.refresh()
             except DependencyUnavailable as exc:
+                metrics.MODEL_POLL_ERRORS.inc()
                 log.warning("model poll: %s", exc.message)
             except Exception:
+                metrics.MODEL_POLL_ERRORS.inc()
                 log.exception("model poll failed")
