@@ -6,6 +6,7 @@ producer, Redis pool, consumers, ONNX sessions and returns them as typed state) 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -127,6 +128,10 @@ def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_hook(app, settings) as checks:
             app.state.checks = checks
+            # Start-up objects (modules, sessions, config) never die: move them out of the GC's sight so
+            # collections on the request path stay short (measured: most tail latency is GC pauses).
+            gc.collect()
+            gc.freeze()
             yield
 
     app = FastAPI(
