@@ -1,0 +1,201 @@
+"""The whole loop over HTTP against ``rtml up`` as real processes, then a clean SIGTERM shutdown.
+
+events -> features visible -> predict uses them (the logged prediction carries those exact values)
+-> outcome -> joined example on rtml.examples.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtml.core.embedded import free_port
+from rtml.core.kafka import Consumed, ConsumerLoop, Producer, decode_json
+from rtml.core.settings import SERVICES, Settings
+
+pytestmark = pytest.mark.e2e
+
+
+class Platform:
+    def __init__(self, proc: subprocess.Popen[bytes], urls: dict[str, str], env: dict[str, str]) -> None:
+        self.proc = proc
+        self.urls = urls
+        self.env = env
+
+    def settings(self) -> Settings:
+        return Settings(
+            kafka={"bootstrap": self.env["RTML_KAFKA_BOOTSTRAP"]},
+            redis={"url": self.env["RTML_REDIS_URL"], "key_prefix": self.env["RTML_REDIS_KEY_PREFIX"]},
+            topic_prefix=self.env["RTML_TOPIC_PREFIX"],
+        )
+
+
+@pytest.fixture
+def platform(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[Platform]:
+    unique = uuid.uuid4().hex[:8]
+    env = {
+        **os.environ,
+        "RTML_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "RTML_REDIS_URL": redis_url,
+        "RTML_TOPIC_PREFIX": f"e2e{unique}.",
+        "RTML_REDIS_KEY_PREFIX": f"e2e{unique}:",
+        "RTML_CONFIG": str(Path(__file__).resolve().parents[2] / "services" / "rtml" / "demo" / "rtml.yaml"),
+        **{f"RTML_{s.upper()}_PORT": str(free_port()) for s in SERVICES},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtml.cli.main", "up", "--run-dir", str(tmp_path)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    urls: dict[str, str] = {}
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while len(urls) < 4 and time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        name, _, value = line.strip().partition(" ")
+        if name in SERVICES:
+            urls[name] = value.strip()
+    if len(urls) < 4:
+        proc.kill()
+        _, stderr = proc.communicate()
+        pytest.fail(f"rtml up did not print its URLs: {stderr.decode()[-2000:]}")
+    try:
+        yield Platform(proc, urls, env)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def consume_until(settings: Settings, topic: str, want: Any, timeout: float = 30) -> dict[str, Any]:
+    found: list[dict[str, Any]] = []
+
+    async def handle(batch: list[Consumed[Any]]) -> None:
+        found.extend(c.value for c in batch if want(c.value))
+        if found:
+            await loop.stop()
+
+    async with Producer(settings) as producer:
+        loop: ConsumerLoop[Any] = ConsumerLoop(
+            settings, name=f"e2e-{topic}", topics=[topic], group_id=f"e2e-{uuid.uuid4().hex[:6]}",
+            decode=decode_json, handle=handle, producer=producer,
+        )  # fmt: skip
+        async with loop:
+            await loop.run(timeout=timeout)
+    assert found, f"nothing matching on {topic} within {timeout} s"
+    return found[0]
+
+
+async def test_the_whole_loop_over_http(platform: Platform) -> None:
+    u = platform.urls
+    user, item = f"u-{uuid.uuid4().hex[:6]}", "t9"
+    async with httpx.AsyncClient(timeout=10) as http:
+        events = [
+            {"type": "view", "user_id": user, "item_id": item},
+            {"type": "click", "user_id": user, "item_id": item},
+            {"type": "view", "user_id": user, "item_id": "t4"},
+            {"type": "view", "user_id": "other", "item_id": item},
+        ]
+        r = await http.post(f"{u['ingest']}/v1/events", json={"events": events})
+        assert r.status_code == 202 and r.json() == {"accepted": 4}
+
+        deadline = time.monotonic() + 15
+        while True:
+            user_f = (await http.get(f"{u['features']}/v1/features/user/{user}")).json()["features"]
+            item_f = (await http.get(f"{u['features']}/v1/features/item/{item}")).json()["features"]
+            if user_f["user_clicks_5m"] == 1 and item_f["item_ctr_1h"] is not None:
+                break
+            assert time.monotonic() < deadline, (user_f, item_f)
+            time.sleep(0.05)
+        assert user_f["user_items_24h"] == 2
+        assert item_f["item_ctr_1h"] == pytest.approx(0.5)
+
+        r = await http.post(f"{u['serving']}/v1/predict", json={"entities": {"user_id": user, "item_id": item}})
+        assert r.status_code == 200, r.text
+        pred = r.json()
+        assert pred["model"] == "ctr" and pred["degraded"] is False and 0.0 <= pred["score"] <= 1.0
+
+        logged = await consume_until(
+            platform.settings(), "predictions", lambda v: v["prediction_id"] == pred["prediction_id"]
+        )
+        assert logged["features"] == {
+            "user_clicks_5m": pytest.approx(user_f["user_clicks_5m"]),
+            "item_ctr_1h": pytest.approx(item_f["item_ctr_1h"]),
+            "user_items_24h": pytest.approx(user_f["user_items_24h"]),
+        }
+        assert logged["score"] == pytest.approx(pred["score"])
+
+        r = await http.post(f"{u['feedback']}/v1/outcomes", json={"prediction_id": pred["prediction_id"], "label": 1})
+        assert r.status_code == 202
+
+        example = await consume_until(
+            platform.settings(), "examples", lambda v: v["prediction_id"] == pred["prediction_id"]
+        )
+        assert example["label"] == 1.0 and example["features"] == logged["features"]
+        assert example["version"] == pred["version"]
+
+        for name, url in u.items():
+            assert (await http.get(f"{url}/readyz")).status_code == 200, name
+            metrics_text = (await http.get(f"{url}/metrics")).text
+            buckets = {
+                s.labels["le"]
+                for family in text_string_to_metric_families(metrics_text)
+                for s in family.samples
+                if s.name == "rtml_http_request_duration_seconds_bucket"
+                and s.labels.get("service") == name
+                and s.labels.get("route") == "/readyz"
+            }
+            assert {"0.00025", "2.5"} <= buckets, (name, buckets)
+
+    # a clean shutdown within 10 s, nothing left behind
+    started = time.monotonic()
+    platform.proc.send_signal(signal.SIGTERM)
+    platform.proc.wait(timeout=10)
+    assert time.monotonic() - started < 10
+    assert platform.proc.returncode == 0, platform.proc.stderr.read().decode() if platform.proc.stderr else ""
+    async with httpx.AsyncClient(timeout=1) as http:
+        for url in u.values():
+            with pytest.raises(httpx.HTTPError):
+                await http.get(f"{url}/healthz")
+
+
+def test_up_starts_its_own_broker_and_redis_and_stops_them(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RTML_KAFKA_BOOTSTRAP", "RTML_REDIS_URL")}
+    env.update({f"RTML_{s.upper()}_PORT": str(free_port()) for s in SERVICES})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtml.cli.main", "up", "--run-dir", str(tmp_path)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = {}
+        while "logs" not in lines:
+            line = proc.stdout.readline().decode()
+            assert line, proc.stderr.read().decode() if proc.stderr else "no output"
+            name, _, value = line.strip().partition(" ")
+            lines[name] = value.strip()
+        assert lines["kafka"].endswith("(embedded)") and lines["redis"].endswith("(embedded)")
+        r = httpx.post(f"{lines['ingest']}/v1/events", json={"type": "view", "user_id": "u1"})
+        assert r.status_code == 202
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        broker_port = int(lines["kafka"].split()[0].rsplit(":", 1)[1])
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", broker_port), timeout=0.5):
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
