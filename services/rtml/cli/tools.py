@@ -95,13 +95,18 @@ def train(
     from_topic: bool = typer.Option(False, "--from-topic", help="train on rtml.examples (not yet)"),
     model: str = typer.Option("ctr", help="model name from rtml.yaml"),
     promote: bool = typer.Option(True, help="make the new version live"),
+    if_none_live: bool = typer.Option(False, "--if-none-live", help="only train the demo model when none is live"),
 ) -> None:
     """Train scikit-learn, export ONNX, register a version (synthetic data unless --examples)."""
     if from_topic:
         _not_yet("train --from-topic", 5)
-    from rtml.serving.registry import train_and_register
+    from rtml.serving.registry import ensure_demo_model, train_and_register
 
     settings = Settings()
+    if if_none_live:
+        trained = asyncio.run(ensure_demo_model(settings))
+        print(f"registered ctr version {trained} (live)" if trained else "a live ctr version exists; nothing to do")
+        return
     with err.status(f"training {model}…"):
         version = asyncio.run(train_and_register(settings, model, examples, promote))
     print(f"registered {model} version {version}{' (live)' if promote else ''}")
