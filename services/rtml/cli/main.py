@@ -7,7 +7,8 @@ import sys
 
 import typer
 
-from rtml.cli import serve, tools, up
+from rtml.cli import serve, tools
+from rtml.cli import up as up_cmd
 from rtml.core.errors import RtmlError
 
 app = typer.Typer(
@@ -17,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("up")(up.up)
+app.command("up")(up_cmd.up)
 app.command("serve")(serve.serve)
 app.command("simulate")(tools.simulate)
 app.command("simulate-outcomes", hidden=True)(tools.simulate_outcomes)
