@@ -1,48 +1,86 @@
-"""The ``rtml`` command. Every failure is one clear line on stderr and a non-zero exit."""
+"""The ``rtml`` command: wires one module per command group.
+
+Every failure is one line on stderr and a non-zero exit: usage errors (exit 2), ``RtmlError`` and invalid
+settings (exit 1, or the error's own code). Bugs still show a traceback — they are ours to fix.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
 
-from rtml.cli import serve, tools
-from rtml.cli import up as up_cmd
+from rtml.cli import planned, serve, simulate, train, up
+from rtml.cli.common import CliError, validation_message
 from rtml.core.errors import RtmlError
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rtml: {message}", file=sys.stderr)
+    return code
+
+
+class OneLineErrors(TyperGroup):
+    """Runs the command non-standalone and prints every expected failure as one line (also under CliRunner)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except typer.TyperException as exc:  # usage errors: bad argument, unknown option, missing command
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                print(exc.format_message())
+                code = 0
+            else:
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                code = _fail(exc.format_message().replace("\n", " ") + hint, exc.exit_code)
+        except typer.Abort:
+            code = _fail("aborted", 1)
+        except CliError as exc:
+            code = _fail(exc.message, exc.exit_code)
+        except RtmlError as exc:
+            code = _fail(exc.message, 1)
+        except ValidationError as exc:
+            code = _fail(validation_message(exc), 1)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
 
 app = typer.Typer(
     name="rtml",
+    cls=OneLineErrors,
     help="rtml: real-time machine learning — streaming features, millisecond ONNX serving, online feedback.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-app.command("up")(up_cmd.up)
+app.command("up")(up.up)
 app.command("serve")(serve.serve)
-app.command("simulate")(tools.simulate)
-app.command("simulate-outcomes", hidden=True)(tools.simulate_outcomes)
-app.command("train")(tools.train)
-app.command("backfill")(tools.backfill)
-app.command("bench")(tools.bench)
+app.command("init", hidden=True)(serve.init)
+app.command("simulate")(simulate.simulate)
+app.command("simulate-outcomes", hidden=True)(simulate.simulate_outcomes)
+app.command("train")(train.train)
+app.command("backfill")(planned.backfill)
+app.command("bench")(planned.bench)
 
 
 def main() -> None:
-    try:
-        app()
-    except RtmlError as exc:
-        print(f"rtml: {exc.message}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    app(prog_name="rtml")
 
 
 if __name__ == "__main__":

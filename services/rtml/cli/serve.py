@@ -1,15 +1,21 @@
-"""``rtml serve NAME``: one service in the foreground (what a container runs)."""
+"""``rtml serve NAME``: one service in the foreground (what a container runs); ``rtml init`` prepares infra."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import enum
 import importlib
 import logging
+import os
+import signal
+import threading
+import time
 
 import typer
 import uvicorn
+from fastapi import FastAPI
 
+from rtml.cli.common import CliError, configure_logging, err, load_settings, quiet_logging, run
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 
@@ -23,15 +29,36 @@ class Service(enum.StrEnum):
     feedback = "feedback"
 
 
-def serve(name: Service = typer.Argument(..., help="ingest, features, serving or feedback")) -> None:  # noqa: B008
-    """Run one service until SIGTERM/SIGINT."""
-    from rtml.cli.main import configure_logging
-
-    settings = Settings()
-    configure_logging(settings.log_level)
-    asyncio.run(create_topics(settings))  # idempotent; a service may start alone in a container
+def create_service_app(name: Service, settings: Settings) -> FastAPI:
     module = importlib.import_module(f"rtml.{name.value}.app")
-    app = module.create_app(settings)
+    app: FastAPI = module.create_app(settings)
+    return app
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Under ``rtml up``: stop gracefully if the parent disappears (killed -9), so no service is orphaned."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        log.warning("parent process %d is gone; shutting down", parent_pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def serve(
+    name: Service = typer.Argument(..., help="ingest, features, serving or feedback"),  # noqa: B008
+    parent_pid: int | None = typer.Option(None, hidden=True, help="exit when this process is gone (rtml up)"),
+) -> None:
+    """Run one service until SIGTERM/SIGINT (graceful: in-flight requests finish, consumers commit)."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    run(create_topics(settings), settings)  # idempotent; a service may start alone in a container
+    app = create_service_app(name, settings)
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -41,9 +68,33 @@ def serve(name: Service = typer.Argument(..., help="ingest, features, serving or
         log_level=settings.log_level.lower(),
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=4,
     )
     server = uvicorn.Server(config)
+    # The app's lifespan runs gc.collect() + gc.freeze() once its resources are open (rtml.core.app).
     server.run()
     if not server.started:
-        raise typer.Exit(3)
+        raise CliError(
+            f"{name.value} did not start on {settings.host}:{settings.port_of(name.value)}; see the log above"
+        )
+
+
+async def _prepare(settings: Settings) -> str | None:
+    from rtml.serving.registry import ensure_demo_model
+
+    await create_topics(settings)
+    return await ensure_demo_model(settings)
+
+
+def prepare(settings: Settings) -> str | None:
+    """Create the topics and, when no ``ctr`` version is live, train and promote the demo model."""
+    return run(_prepare(settings), settings)
+
+
+def init() -> None:
+    """Create topics and register the demo model if none is live (a one-shot container before the services)."""
+    settings = load_settings()
+    quiet_logging()
+    with err.status("creating topics, checking the demo model…"):
+        version = prepare(settings)
+    print(f"demo model ctr version {version} registered and live" if version else "topics ready; a model is live")

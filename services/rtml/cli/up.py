@@ -1,13 +1,13 @@
 """``rtml up``: the whole platform on one machine, in the foreground, stopped cleanly by Ctrl-C/SIGTERM.
 
 Order: infra (embedded broker and redis-server unless their variables are set) -> topics -> demo model if
-none is live -> the four services as separate processes -> (``--demo``) the simulators. Shutdown runs the
-other way round and finishes within 10 s: clients, services (SIGTERM, then SIGKILL after 6 s), infra.
+none is live -> the four services as separate processes, each waited for on ``/readyz`` -> (``--demo``) the
+simulators. Shutdown runs the other way round within 10 s: simulators (1 s), services (SIGTERM, SIGKILL after
+5 s), infra (SIGTERM, SIGKILL after 1.5 s). A service that dies is reported and ends ``up`` with exit 1.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -15,32 +15,33 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 import typer
-from rich.console import Console
 
+from rtml.cli.common import CliError, err, load_settings, quiet_logging
+from rtml.cli.serve import prepare
 from rtml.core import embedded
-from rtml.core.errors import RtmlError
-from rtml.core.kafka import create_topics
-from rtml.core.settings import SERVICES, Settings
+from rtml.core.settings import SERVICES, ServiceName, Settings
 
-out = Console()
-err = Console(stderr=True)
-SERVICE_STOP_S = 6.0
-
-
-class UpError(RtmlError):
-    code = "up"
+READY_TIMEOUT_S = 90.0
+SIMULATOR_STOP_S = 1.0
+SERVICE_STOP_S = 5.0
+INFRA_STOP_S = 1.5
 
 
 class Child:
+    """A process ``up`` started (a service or a simulator), logging to its own file."""
+
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         with open(self.log_path, "wb") as log:
+            # Own session: the terminal's Ctrl-C reaches only ``up``, which stops children in order.
             self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
@@ -57,39 +58,159 @@ class Child:
         try:
             self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            err.print(f"{self.name} did not stop in time; killed")
             self.proc.kill()
             self.proc.wait()
 
 
-def _rtml(*args: str) -> list[str]:
+def rtml_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "rtml.cli.main", *args]
 
 
-def _wait_ready(children: list[Child], settings: Settings, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = {c.name: c for c in children}
-    with httpx.Client(timeout=1.0) as client:
-        while pending:
-            for name, child in list(pending.items()):
-                if not child.alive():
-                    raise UpError(f"{name} exited with code {child.proc.returncode}; see {child.log_path}")
-                url = f"http://{settings.host}:{settings.port_of(name)}/readyz"  # type: ignore[arg-type]
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(url).status_code == 200:
-                        del pending[name]
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                name, child = next(iter(pending.items()))
-                raise UpError(f"{name} is not ready after {timeout_s:.0f} s; see {child.log_path}")
-            time.sleep(0.2)
+def service_url(settings: Settings, name: ServiceName) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host  # noqa: S104 - a client address
+    return f"http://{host}:{settings.port_of(name)}"
 
 
-async def _prepare(settings: Settings) -> str | None:
-    from rtml.serving.registry import ensure_demo_model
+class Platform:
+    """Everything ``up`` starts, so that whatever happened, ``shutdown`` stops exactly that."""
 
-    await create_topics(settings)
-    return await ensure_demo_model(settings)
+    def __init__(self, settings: Settings, log_dir: Path, stop: threading.Event) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.stop = stop
+        self.infra: list[embedded.Managed] = []
+        self.services: list[Child] = []
+        self.simulators: list[Child] = []
+        self.env: dict[str, str] = dict(os.environ)
+
+    # -- start ------------------------------------------------------------------------------------------
+    def start_infra(self) -> None:
+        s = self.settings
+        bootstrap, redis_url = s.kafka.bootstrap, s.redis.url
+        if not bootstrap:
+            with err.status("starting the embedded Kafka-protocol broker…"):
+                broker = embedded.start_broker(9092, self.log_dir)
+            self.infra.append(broker)
+            bootstrap = f"127.0.0.1:{broker.port}"
+        if not redis_url:
+            with err.status("starting redis-server…"):
+                server = embedded.start_redis(6379, self.log_dir)
+            self.infra.append(server)
+            redis_url = f"redis://127.0.0.1:{server.port}/0"
+        self.env["RTML_KAFKA_BOOTSTRAP"], self.env["RTML_REDIS_URL"] = bootstrap, redis_url
+        self.settings = s.model_copy(
+            update={
+                "kafka": s.kafka.model_copy(update={"bootstrap": bootstrap}),
+                "redis": s.redis.model_copy(update={"url": redis_url}),
+            }
+        )
+
+    def prepare(self) -> None:
+        with err.status("creating topics, checking the demo model…"):
+            version = prepare(self.settings)
+        if version:
+            err.print(f"trained and registered the demo model ctr, version {version} (live)")
+
+    def start_services(self) -> None:
+        parent = str(os.getpid())
+        for name in SERVICES:
+            argv = rtml_argv("serve", name, "--parent-pid", parent)
+            self.services.append(Child(name, argv, self.env, self.log_dir))
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
+        """True once every service answers ``/readyz`` 200; False if asked to stop first."""
+        deadline = time.monotonic() + timeout_s
+        pending = {c.name: c for c in self.services}
+        with httpx.Client(timeout=1.0) as client, err.status("starting services…") as status:
+            while pending:
+                for name, child in list(pending.items()):
+                    if not child.alive():
+                        raise CliError(
+                            f"{name} exited with code {child.proc.returncode} while starting; see {child.log_path}"
+                        )
+                    url = service_url(self.settings, name)  # type: ignore[arg-type]
+                    with contextlib.suppress(httpx.HTTPError):
+                        if client.get(f"{url}/readyz").status_code == 200:
+                            del pending[name]
+                status.update(f"starting services… waiting for {', '.join(pending) or 'none'}")
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    name, child = next(iter(pending.items()))
+                    raise CliError(f"{name} is not ready after {timeout_s:.0f} s (GET /readyz); see {child.log_path}")
+                if self.stop.wait(0.2):
+                    return False
+        return True
+
+    def announce(self) -> None:
+        """One line per service URL, then broker, redis and logs: stdout, for people and scripts alike."""
+        started = {m.name for m in self.infra}
+        lines = [f"{name:<9} {service_url(self.settings, name)}" for name in SERVICES]
+        lines.append(f"{'kafka':<9} {self.settings.kafka.bootstrap}{' (embedded)' if 'broker' in started else ''}")
+        lines.append(f"{'redis':<9} {self.settings.redis.url}{' (embedded)' if 'redis' in started else ''}")
+        lines.append(f"{'logs':<9} {self.log_dir}")
+        print("\n".join(lines), flush=True)
+
+    def start_simulators(self) -> None:
+        self.simulators = [
+            Child("simulate", rtml_argv("simulate", "--via", "http", "--rate", "50", "--duration", "0",
+                                        "--keep-going"), self.env, self.log_dir),
+            Child("outcomes", rtml_argv("simulate-outcomes", "--rate", "2"), self.env, self.log_dir),
+        ]  # fmt: skip
+        err.print("demo: clickstream at 50 events/s and outcomes at 2 recommendation rounds/s")
+
+    # -- run --------------------------------------------------------------------------------------------
+    def watch(self) -> int:
+        """Until asked to stop: 0. A service or infra process that dies: report it, 1."""
+        reported: set[str] = set()
+        while not self.stop.wait(0.25):
+            for c in self.services:
+                if not c.alive():
+                    err.print(f"rtml: {c.name} exited with code {c.proc.returncode}; see {c.log_path}")
+                    return 1
+            for m in self.infra:
+                if m.proc.poll() is not None:
+                    where = f"; see {m.log_path}" if m.log_path else ""
+                    err.print(f"rtml: embedded {m.name} exited with code {m.proc.returncode}{where}")
+                    return 1
+            for c in self.simulators:
+                if not c.alive() and c.name not in reported:
+                    reported.add(c.name)
+                    err.print(f"demo {c.name} simulator exited with code {c.proc.returncode}; see {c.log_path}")
+        return 0
+
+    # -- stop -------------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if not (self.simulators or self.services or self.infra):
+            return
+        with err.status("stopping…"):
+            for group, budget in ((self.simulators, SIMULATOR_STOP_S), (self.services, SERVICE_STOP_S)):
+                for c in group:
+                    c.terminate()
+                deadline = time.monotonic() + budget
+                for c in group:
+                    c.wait_or_kill(deadline)
+            for m in self.infra:
+                if m.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        m.proc.send_signal(signal.SIGTERM)
+            for m in reversed(self.infra):
+                m.stop(timeout_s=INFRA_STOP_S)
+        err.print("stopped")
+
+
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous: dict[int, Any] = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def up(
@@ -97,91 +218,40 @@ def up(
     no_embedded: bool = typer.Option(
         False,
         "--no-embedded",
-        help="never start the embedded broker or Redis; RTML_KAFKA_BOOTSTRAP and RTML_REDIS_URL must be set",
+        help="never start the embedded broker or Redis (RTML_KAFKA_BOOTSTRAP and RTML_REDIS_URL must be set)",
     ),
-    run_dir: Path = typer.Option(Path(".rtml"), help="where logs go"),  # noqa: B008
+    run_dir: Path = typer.Option(Path(".rtml"), help="where the children's logs go (RUN_DIR/logs)"),  # noqa: B008
 ) -> None:
-    """The whole platform on this machine: broker, Redis, four services (and simulators with --demo)."""
-    settings = Settings()
-    if no_embedded and not (settings.kafka.bootstrap and settings.redis.url):
-        raise UpError("--no-embedded needs RTML_KAFKA_BOOTSTRAP and RTML_REDIS_URL")
+    """The whole platform on this machine: broker, Redis, the four services (and simulators with --demo)."""
+    settings = load_settings()
+    quiet_logging()
+    missing = [v for v, set_ in (("RTML_KAFKA_BOOTSTRAP", settings.kafka.bootstrap),
+                                 ("RTML_REDIS_URL", settings.redis.url)) if not set_]  # fmt: skip
+    if no_embedded and missing:
+        raise CliError(f"--no-embedded needs {' and '.join(missing)} to be set")
     log_dir = (run_dir / "logs").resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create the log directory {log_dir}: {exc.strerror}") from None
 
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    infra: list[embedded.Managed] = []
-    children: list[Child] = []
-    clients: list[Child] = []
+    restore = _install_signal_handlers(stop)
+    platform = Platform(settings, log_dir, stop)
     code = 0
     try:
-        env = dict(os.environ)
-        bootstrap, redis_url = settings.kafka.bootstrap, settings.redis.url
-        if not bootstrap:
-            broker = embedded.start_broker(9092, log_dir)
-            infra.append(broker)
-            bootstrap = f"127.0.0.1:{broker.port}"
-        if not redis_url:
-            server = embedded.start_redis(6379, log_dir)
-            infra.append(server)
-            redis_url = f"redis://127.0.0.1:{server.port}/0"
-        env["RTML_KAFKA_BOOTSTRAP"], env["RTML_REDIS_URL"] = bootstrap, redis_url
-        settings = settings.model_copy(
-            update={
-                "kafka": settings.kafka.model_copy(update={"bootstrap": bootstrap}),
-                "redis": settings.redis.model_copy(update={"url": redis_url}),
-            }
-        )
-        with err.status("creating topics, checking the demo model…"):
-            trained = asyncio.run(_prepare(settings))
-        if trained:
-            err.print(f"trained and registered demo model ctr version {trained}")
-
-        children = [Child(name, _rtml("serve", name), env, log_dir) for name in SERVICES]
-        with err.status("starting services…"):
-            _wait_ready(children, settings, timeout_s=90)
-
-        started = {m.name for m in infra}
-        for name in SERVICES:
-            out.print(f"{name:<9} http://{settings.host}:{settings.port_of(name)}", highlight=False)
-        out.print(f"{'kafka':<9} {bootstrap}{' (embedded)' if 'broker' in started else ''}", highlight=False)
-        out.print(f"{'redis':<9} {redis_url}{' (embedded)' if 'redis' in started else ''}", highlight=False)
-        out.print(f"{'logs':<9} {log_dir}", highlight=False)
-        sys.stdout.flush()
-
-        if demo:
-            clients.append(Child("simulate", _rtml("simulate", "--via", "http", "--rate", "50"), env, log_dir))
-            clients.append(Child("outcomes", _rtml("simulate-outcomes", "--rate", "2"), env, log_dir))
-            out.print("demo: clickstream at 50 events/s and outcomes at 2 rounds/s", highlight=False)
-
-        while not stop.wait(0.25):
-            dead = [c for c in children if not c.alive()]
-            if dead:
-                c = dead[0]
-                err.print(f"rtml: {c.name} exited with code {c.proc.returncode}; see {c.log_path}")
-                code = 1
-                break
+        platform.start_infra()
+        if not stop.is_set():
+            platform.prepare()
+        if not stop.is_set():
+            platform.start_services()
+            if platform.wait_ready():
+                platform.announce()
+                if demo:
+                    platform.start_simulators()
+                code = platform.watch()
     finally:
-        _shutdown(clients, children, infra)
+        platform.shutdown()
+        restore()
     if code:
         raise typer.Exit(code)
-
-
-def _shutdown(clients: list[Child], children: list[Child], infra: list[embedded.Managed]) -> None:
-    for c in clients:
-        c.terminate()
-    for c in clients:
-        c.wait_or_kill(time.monotonic() + 1.0)
-    for c in children:
-        c.terminate()
-    deadline = time.monotonic() + SERVICE_STOP_S
-    for c in children:
-        c.wait_or_kill(deadline)
-    for m in reversed(infra):
-        m.stop(timeout_s=1.0)

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from rtml.core.errors import DependencyUnavailable, InvalidInput
+from rtml.core.errors import DependencyUnavailable, InvalidInput, RtmlError
 from rtml.core.kafka import Producer
 from rtml.core.schemas import EventIn, normalize_event
 from rtml.core.settings import Settings
@@ -56,11 +56,14 @@ async def run_clickstream(
     duration_s: float | None,
     tick_s: float = 0.1,
     on_sent: Callable[[int], None] | None = None,
+    on_error: Callable[[RtmlError], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
     """Send ``rate`` events/s for ``duration_s`` seconds (None: until ``stop``); returns events sent.
 
     Ticks are scheduled on absolute times, so a slow send shortens the next wait instead of drifting.
+    Without ``on_error`` a failed send ends the run (raises); with it, the batch is dropped, ``on_error``
+    hears why, and the schedule goes on (what ``rtml up --demo`` wants while a service restarts).
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -76,7 +79,13 @@ async def run_clickstream(
         n = due(rate, tick_s, tick) - due(rate, tick_s, tick - 1)
         for i in range(0, n, chunk):
             batch = stream.batch(min(chunk, n - i), now_ms())
-            await sender.send(batch)
+            try:
+                await sender.send(batch)
+            except RtmlError as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+                continue
             sent += len(batch)
             if on_sent is not None:
                 on_sent(len(batch))
