@@ -44,6 +44,7 @@ async def test_events_become_features_exactly_once(settings: Settings) -> None:
         body = await eventually(user_seen)
         f = body["features"]
         assert body["entity"] == "user" and body["id"] == "u1" and abs(body["as_of"] - now) < 60_000
+        assert body["updated_at"] is not None and 0 <= body["age_ms"] < 60_000
         assert f["user_clicks_5m"] == 2  # a1 + a4, the duplicate of a1 not counted
         assert f["user_items_24h"] == 2  # t9, t8
         assert f["user_events_1m"] == 4

@@ -103,3 +103,18 @@ def test_api_keys_scopes() -> None:
     ApiKeys.parse(None).check(None, "admin")  # no keys configured: open
     with pytest.raises(ConfigError):
         ApiKeys.parse("k1:superuser")
+
+
+def test_config_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "rtml.yaml"
+    path.write_text(
+        "entities:\n  user: {key: user_id}\nfeatures:\n  ok: {entity: user, agg: count}\n"
+        "  bad:\n    entity: user\n    agg: median\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.message.startswith(f"{path}:7: features.bad.agg: ")
+    path.write_text("entities:\n  user: {key: user_id}\nfeatures:\n  x: {entity: ghost, agg: count}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.message == f"{path}:4: features.x.entity: unknown entity 'ghost'"

@@ -5,6 +5,7 @@ A bad file fails with one line naming the bad key (``features.user_clicks_5m.win
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,27 +156,65 @@ class PlatformConfig(BaseModel):
         return "|".join(parts)
 
 
-def _format_error(exc: ValidationError) -> str:
+_PATH_PREFIX = re.compile(r"^([A-Za-z_][\w.-]*(?:\.[\w-]+)*): ")
+
+
+def _error_path(exc: ValidationError) -> tuple[tuple[str | int, ...], str]:
+    """(path to the bad key, message). Cross-reference checks put their path at the start of the message."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    loc: tuple[str | int, ...] = tuple(err["loc"])
+    if not loc:
+        m = _PATH_PREFIX.match(msg)
+        if m:
+            loc = tuple(int(p) if p.isdigit() else p for p in m.group(1).split("."))
+            msg = msg[m.end() :]
+    return loc, msg
 
 
-def parse_config(data: Any, source: str = "rtml.yaml") -> PlatformConfig:
+def _line_of(root: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """1-based line of the deepest YAML node on ``loc`` (the bad key itself when it exists)."""
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    node, line = value_node, key_node.start_mark.line + 1
+                    break
+            else:
+                return line if line is not None else node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _config_error(exc: ValidationError, source: str, root: yaml.Node | None = None) -> ConfigError:
+    loc, msg = _error_path(exc)
+    where = ".".join(str(p) for p in loc)
+    line = _line_of(root, loc) if root is not None else None
+    prefix = f"{source}:{line}" if line is not None else source
+    return ConfigError(f"{prefix}: {where}: {msg}" if where else f"{prefix}: {msg}")
+
+
+def parse_config(data: Any, source: str = "rtml.yaml", root: yaml.Node | None = None) -> PlatformConfig:
     try:
         return PlatformConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format_error(exc)}") from None
+        raise _config_error(exc, source, root) from None
 
 
 def load_config(path: Path) -> PlatformConfig:
+    """Load and validate ``rtml.yaml``; errors name the file, line and key (``rtml.yaml:7: features.x.agg: ...``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), root)

@@ -53,6 +53,10 @@ FEATURE_FRESHNESS_SECONDS = Histogram(
     "rtml_features_freshness_seconds", "From ingest receive time to the feature update in Redis.",
     buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+FEATURE_EVENT_LAG_SECONDS = Histogram(
+    "rtml_features_event_lag_seconds", "From event time (ts) to the feature update in Redis.",
+    buckets=(*LATENCY_BUCKETS, 5.0, 10.0, 30.0, 60.0, 300.0),
+)  # fmt: skip
 REDIS_SECONDS = Histogram(
     "rtml_redis_call_duration_seconds", "Redis round trips by operation.", ["op"], buckets=LATENCY_BUCKETS
 )

@@ -47,7 +47,7 @@ def op_for(event: Event, name: str, feature: FeatureDef) -> Op:
     assert feature.field is not None
     value = event.field(feature.field)
     if agg == "distinct_count":
-        return ("d", name, tile, _distinct_key(value), "")
+        return ("h" if feature.approx else "d", name, tile, _distinct_key(value), "")
     if agg == "last":
         return ("l", name, tile, str(event.ts), orjson.dumps(value).decode())
     kind = {"sum": "s", "mean": "m", "min": "n", "max": "x"}[agg]

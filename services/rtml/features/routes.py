@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from rtml.core.app import require
 from rtml.core.timeutil import now_ms
-from rtml.features.store import FeatureStore, FeatureValue
+from rtml.features.store import FeatureRow, FeatureStore, FeatureValue
 
 router = APIRouter(prefix="/v1", tags=["features"])
 
@@ -19,6 +19,14 @@ class FeatureVector(BaseModel):
     id: str
     as_of: int
     features: dict[str, FeatureValue]
+    updated_at: int | None = Field(None, description="epoch ms of the newest update to these features")
+    age_ms: int | None = Field(None, description="as_of - updated_at: how old the newest data is")
+
+
+def _vector(entity: str, entity_id: str, at: int, row: FeatureRow) -> dict[str, Any]:
+    age = None if row.updated_at is None else max(0, at - row.updated_at)
+    return {"entity": entity, "id": entity_id, "as_of": at, "features": row.values,
+            "updated_at": row.updated_at, "age_ms": age}  # fmt: skip
 
 
 class BatchRequest(BaseModel):
@@ -44,13 +52,13 @@ async def get_features(
     """All (or the named) features of one entity at ``as_of``. Pair ids join keys with ``|``."""
     names = [n for n in features.split(",") if n] if features else None
     at = now_ms() if as_of is None else as_of
-    [values] = await _store(request).read_many([(entity, entity_id, names)], as_of=at)
-    return {"entity": entity, "id": entity_id, "as_of": at, "features": values}
+    [row] = await _store(request).read_rows([(entity, entity_id, names)], as_of=at)
+    return _vector(entity, entity_id, at, row)
 
 
 @router.post("/features:batch", response_model=list[FeatureVector], dependencies=[require("read")])
 async def batch_features(request: Request, body: BatchRequest) -> Any:
     """Features of many entities of one kind, in one Redis round trip."""
     at = now_ms() if body.as_of is None else body.as_of
-    rows = await _store(request).read_many([(body.entity, i, body.features) for i in body.ids], as_of=at)
-    return [{"entity": body.entity, "id": i, "as_of": at, "features": v} for i, v in zip(body.ids, rows, strict=True)]
+    rows = await _store(request).read_rows([(body.entity, i, body.features) for i in body.ids], as_of=at)
+    return [_vector(body.entity, i, at, row) for i, row in zip(body.ids, rows, strict=True)]

@@ -33,8 +33,19 @@ _KIND = {"count": "c", "sum": "s", "mean": "m", "min": "n", "max": "x", "last": 
          "distinct_count": "d", "ratio": "r"}  # fmt: skip
 
 
+def kind_of(f: FeatureDef) -> str:
+    """The one-letter aggregation kind the Lua scripts dispatch on."""
+    return "h" if f.approx else _KIND[f.agg]
+
+
 def _script(name: str) -> str:
     return resources.files("rtml.features").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRow:
+    values: dict[str, FeatureValue]
+    updated_at: int | None  # epoch ms of the last update of any of these features; None if never
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +91,9 @@ class FeatureStore:
             keys.append(self.keys.feature(ep.entity, ep.entity_id, name))
             index[name] = str(i + 1)
             if f.lifetime:
-                args += [0, 0]
+                args += [0, 0, kind_of(f)]
             else:
-                args += [f.window_ms + f.tile_ms + self.max_future_ms, tile_range(now, f)[0]]
+                args += [f.window_ms + f.tile_ms + self.max_future_ms, tile_range(now, f)[0], kind_of(f)]
         args.append(len(ep.events))
         for event_id, ops in ep.events:
             args += [event_id, len(ops)]
@@ -109,8 +120,10 @@ class FeatureStore:
             metrics.FEATURE_EVENTS_APPLIED.labels(entity=ep.entity).inc(int(a))
             if d:
                 metrics.FEATURE_EVENTS_DUPLICATE.labels(entity=ep.entity).inc(int(d))
-            if a and ep.max_received_at:
-                metrics.FEATURE_FRESHNESS_SECONDS.observe(max(0, now_ms() - ep.max_received_at) / 1000)
+        done = now_ms()
+        for e in events:  # accept -> applied, and event time -> applied (clamped: ts may be in the future)
+            metrics.FEATURE_FRESHNESS_SECONDS.observe(max(0, done - e.received_at) / 1000)
+            metrics.FEATURE_EVENT_LAG_SECONDS.observe(max(0, done - e.ts) / 1000)
         return ApplyResult(applied, dups, late)
 
     # -- read path ----------------------------------------------------------------------------------
@@ -130,13 +143,19 @@ class FeatureStore:
         keys = [self.keys.feature(entity, entity_id, n) for n, _ in feats]
         args: list[Any] = [as_of]
         for _, f in feats:
-            args += [_KIND[f.agg], f.tile_ms or 1, f.n_tiles]
+            args += [kind_of(f), f.tile_ms or 1, f.n_tiles]
         return keys, args
 
     async def read_many(
         self, requests: Sequence[tuple[str, str, Sequence[str] | None]], as_of: int | None = None
     ) -> list[dict[str, FeatureValue]]:
         """Features of several entities at ``as_of`` (default now), in ONE Redis round trip."""
+        return [row.values for row in await self.read_rows(requests, as_of)]
+
+    async def read_rows(
+        self, requests: Sequence[tuple[str, str, Sequence[str] | None]], as_of: int | None = None
+    ) -> list[FeatureRow]:
+        """Like ``read_many``, with when each entity's features last changed (freshness)."""
         as_of = now_ms() if as_of is None else as_of
         resolved = [self.resolve(entity, names) for entity, _, names in requests]
         calls = [
@@ -146,11 +165,13 @@ class FeatureStore:
         ]
         with metrics.REDIS_SECONDS.labels(op="read").time():
             raw = await self._evalsha_many("read", calls) if calls else []
-        out: list[dict[str, FeatureValue]] = []
+        out: list[FeatureRow] = []
         it = iter(raw)
         for feats in resolved:
-            values = next(it) if feats else []
-            out.append({name: _decode(f, v) for (name, f), v in zip(feats, values, strict=True)})
+            flat = next(it) if feats else []
+            values = {name: _decode(f, flat[2 * i]) for i, (name, f) in enumerate(feats)}
+            stamps = [int(u) for u in flat[1::2] if u is not None]
+            out.append(FeatureRow(values, max(stamps) if stamps else None))
         return out
 
     async def _evalsha_many(self, which: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:

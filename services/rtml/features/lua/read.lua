@@ -1,6 +1,7 @@
 -- Read features of one entity at time as_of, in one call.
 -- KEYS = feature hashes; ARGV: as_of, then per key: kind, tile_ms, n_tiles (0 = lifetime)
--- Returns one value per key: a number as text, JSON text for 'l', or nil (false) when empty.
+-- Returns two entries per key: the value (a number as text, JSON text for 'l', or nil when empty) and
+-- the time the key was last updated (epoch ms as text, or nil).
 local as_of = tonumber(ARGV[1])
 local out = {}
 local function num(x) return string.format('%.17g', x) end
@@ -11,9 +12,10 @@ for k = 1, #KEYS do
   if n > 0 then hi = math.floor(as_of / g); lo = hi - n + 1 end
   local all = redis.call('HGETALL', KEYS[k])
   local acc, acc2, best_t, best_v, seen, distinct = 0, 0, nil, nil, false, 0
-  local values = {}
+  local values, hll, updated = {}, {}, false
   for j = 1, #all, 2 do
     local f, v = all[j], all[j + 1]
+    if f == '_u' then updated = v end
     local p, ts = string.match(f, '^(%a?)(%-?%d+)')
     local t = tonumber(ts)
     if t and t >= lo and t <= hi then
@@ -31,20 +33,27 @@ for k = 1, #KEYS do
         seen = true
       elseif kind == 'l' then
         if p == 't' and (best_t == nil or tonumber(v) > best_t) then best_t = tonumber(v); best_v = ts end
+      elseif kind == 'h' then
+        hll[#hll + 1] = KEYS[k] .. ':h:' .. ts
       elseif kind == 'd' then
         local val = string.sub(f, string.len(ts) + 2)
         if not values[val] then values[val] = true; distinct = distinct + 1 end
       end
     end
   end
-  if kind == 'c' or kind == 's' then out[k] = num(acc)
-  elseif kind == 'd' then out[k] = num(distinct)
+  local r
+  if kind == 'c' or kind == 's' then r = num(acc)
+  elseif kind == 'd' then r = num(distinct)
+  elseif kind == 'h' then
+    if #hll > 0 then r = num(redis.call('PFCOUNT', unpack(hll))) else r = '0' end
   elseif kind == 'm' or kind == 'r' then
-    if acc2 == 0 then out[k] = false else out[k] = num(acc / acc2) end
+    if acc2 == 0 then r = false else r = num(acc / acc2) end
   elseif kind == 'n' or kind == 'x' then
-    if seen then out[k] = num(acc) else out[k] = false end
+    if seen then r = num(acc) else r = false end
   elseif kind == 'l' then
-    if best_t == nil then out[k] = false else out[k] = redis.call('HGET', KEYS[k], 'v' .. best_v) end
+    if best_t == nil then r = false else r = redis.call('HGET', KEYS[k], 'v' .. best_v) end
   end
+  out[2 * k - 1] = r
+  out[2 * k] = updated
 end
 return out
