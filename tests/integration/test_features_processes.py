@@ -1,0 +1,245 @@
+"""Features as real processes: SIGKILL mid-load and scale-out leave every feature equal to the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtml.core.config import PlatformConfig, load_config
+from rtml.core.embedded import free_port
+from rtml.core.kafka import Producer
+from rtml.core.redis import Keys, connect
+from rtml.core.schemas import Event
+from rtml.core.settings import Settings
+from rtml.features.plan import entity_id_of
+from rtml.features.store import FeatureStore
+from rtml.features.windows import reference_value, touches
+
+pytestmark = pytest.mark.integration
+
+CONFIG_YAML = """
+entities:
+  user: {key: user_id}
+  item: {key: item_id}
+  user_item: {keys: [user_id, item_id]}
+features:
+  user_events_total: {entity: user, agg: count}
+  user_clicks_1h:    {entity: user, agg: count, events: [click], window: 1h}
+  user_spend_24h:    {entity: user, agg: sum, field: properties.amount, window: 24h}
+  user_amount_max_1h: {entity: user, agg: max, field: properties.amount, window: 1h}
+  user_last_item_1h: {entity: user, agg: last, field: item_id, window: 1h}
+  user_items_24h:    {entity: user, agg: distinct_count, field: item_id, window: 24h}
+  item_ctr_1h:       {entity: item, agg: ratio, numerator: {events: [click]}, denominator: {events: [view]}, window: 1h}
+  pair_clicks_24h:   {entity: user_item, agg: count, events: [click], window: 24h}
+"""
+
+
+class FeaturesProcess:
+    def __init__(self, settings_env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        env = {**os.environ, **settings_env, "RTML_FEATURES_PORT": str(self.port)}
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rtml.cli.main", "serve", "features"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"features not ready: {self.log.read_text()[-3000:]}")
+
+    def consumed(self) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=2).text
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "rtml_consumer_records_total" and s.labels.get("consumer") == "features"
+        )
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def env(make_settings: Any, tmp_path: Path) -> Iterator[tuple[Settings, dict[str, str]]]:
+    config = tmp_path / "rtml.yaml"
+    config.write_text(CONFIG_YAML)
+    s: Settings = make_settings(config=config)
+    assert s.kafka.bootstrap and s.redis.url
+    yield (
+        s,
+        {
+            "RTML_KAFKA_BOOTSTRAP": s.kafka.bootstrap,
+            "RTML_KAFKA_PARTITIONS": str(s.kafka.partitions),
+            "RTML_REDIS_URL": s.redis.url,
+            "RTML_REDIS_KEY_PREFIX": s.redis.key_prefix,
+            "RTML_TOPIC_PREFIX": s.topic_prefix,
+            "RTML_CONFIG": str(config),
+            "RTML_LOG_LEVEL": "WARNING",
+        },
+    )
+
+
+def make_events(n: int, seed: int) -> list[Event]:
+    rng = random.Random(seed)
+    now = int(time.time() * 1000)
+    events: list[Event] = []
+    for i in range(n):
+        if events and rng.random() < 0.05:
+            events.append(rng.choice(events))  # an exact duplicate (same event_id), e.g. a producer retry
+            continue
+        props: dict[str, bool | int | float | str] = {}
+        if rng.random() < 0.3:
+            props["amount"] = round(rng.uniform(1, 500), 2)
+        events.append(
+            Event(
+                event_id=f"ev{seed}-{i}",
+                type=rng.choice(["view", "view", "view", "click", "purchase"]),
+                user_id=f"u{rng.randrange(40)}",
+                item_id=f"t{rng.randrange(25)}",
+                ts=now - rng.randint(0, 600_000),  # out of order within the last 10 minutes
+                received_at=now,
+                properties=props,
+            )
+        )
+    return events
+
+
+def expected(events: list[Event], config: PlatformConfig, as_of: int) -> dict[tuple[str, str], dict[str, Any]]:
+    unique: dict[str, Event] = {}
+    for e in events:
+        unique.setdefault(e.event_id, e)
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for entity in config.entities:
+        feats = config.features_of(entity)
+        ids = {entity_id_of(config, entity, e) for e in unique.values()} - {None}
+        for entity_id in ids:
+            assert entity_id is not None
+            mine = [e for e in unique.values() if entity_id_of(config, entity, e) == entity_id]
+            out[(entity, entity_id)] = {n: reference_value(mine, f, as_of) for n, f in feats.items()}
+    return out
+
+
+async def publish(settings: Settings, events: list[Event], batch: int, pause: float, on_batch: Any = None) -> None:
+    async with Producer(settings) as producer:
+        for n, start in enumerate(range(0, len(events), batch)):
+            chunk = events[start : start + batch]
+            await producer.send_many(
+                "events", [((e.user_id or "").encode(), e.model_dump_json().encode()) for e in chunk]
+            )
+            if on_batch is not None:
+                on_batch(n)
+            await asyncio.sleep(pause)
+
+
+async def assert_converges(settings: Settings, config: PlatformConfig, events: list[Event], timeout: float) -> None:
+    """Wait until every feature equals the reference (over-counting never converges: it fails here)."""
+    redis = connect(settings)
+    store = FeatureStore(redis, Keys(settings.redis.key_prefix), config)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            as_of = int(time.time() * 1000)
+            want = expected(events, config, as_of)
+            keys = sorted(want)
+            got = dict(zip(keys, await store.read_many([(e, i, None) for e, i in keys], as_of=as_of), strict=True))
+            diff = {
+                (k, n): (got[k][n], v)
+                for k, row in want.items()
+                for n, v in row.items()
+                if not (got[k][n] == pytest.approx(v) if isinstance(v, float) else got[k][n] == v)
+            }
+            if not diff:
+                return
+            if time.monotonic() > deadline:
+                sample = dict(list(diff.items())[:8])
+                raise AssertionError(f"{len(diff)} feature values differ from the reference (got, want): {sample}")
+            await asyncio.sleep(0.25)
+    finally:
+        await redis.aclose()
+
+
+async def test_sigkill_during_load_leaves_every_feature_exact(
+    env: tuple[Settings, dict[str, str]], tmp_path: Path
+) -> None:
+    settings, proc_env = env
+    config = load_config(Path(proc_env["RTML_CONFIG"]))
+    from rtml.core.kafka import create_topics
+
+    await create_topics(settings)
+    events = make_events(12_000, seed=1)
+    log = tmp_path / "features.log"
+    procs = [FeaturesProcess(proc_env, log)]
+    procs[0].wait_ready()
+    kills = {8: "kill", 20: "kill"}  # batch numbers after which the running process is SIGKILLed
+
+    def on_batch(n: int) -> None:
+        if kills.get(n) == "kill":
+            procs[-1].kill()
+            procs.append(FeaturesProcess(proc_env, log))
+
+    try:
+        await publish(settings, events, batch=400, pause=0.05, on_batch=on_batch)
+        assert len(procs) == 3
+        procs[-1].wait_ready()
+        assert sum(1 for e in events if touches(e, config.features["user_events_total"])) == len(events)
+        await assert_converges(settings, config, events, timeout=90)
+    finally:
+        for p in procs:
+            p.stop()
+
+
+async def test_two_processes_split_the_partitions_and_stay_exact(
+    env: tuple[Settings, dict[str, str]], tmp_path: Path
+) -> None:
+    settings, proc_env = env
+    config = load_config(Path(proc_env["RTML_CONFIG"]))
+    from rtml.core.kafka import create_topics
+
+    await create_topics(settings)
+    a = FeaturesProcess(proc_env, tmp_path / "a.log")
+    b = FeaturesProcess(proc_env, tmp_path / "b.log")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        await asyncio.sleep(4)  # let the group settle with both members
+        events = make_events(6_000, seed=2)
+        await publish(settings, events, batch=500, pause=0.02)
+        await assert_converges(settings, config, events, timeout=90)
+        assert a.consumed() > 0 and b.consumed() > 0, (a.consumed(), b.consumed())
+    finally:
+        a.stop()
+        b.stop()
