@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rtml.core.config import PlatformConfig, parse_config
 from rtml.core.redis import Keys, Redis, connect
@@ -182,3 +187,67 @@ async def test_approx_distinct_count_tiles_expire_with_the_window(store: Feature
                       now=late)  # fmt: skip
     base = store.keys.feature("user", "hll", "u_items_hll_1m")
     assert await store.redis.exists(f"{base}:h:{t0 // 1000}") == 0
+
+
+# --- property test: random streams against the reference, on the real redis-server -------------------------
+_types = st.sampled_from(["view", "click", "purchase"])
+_events = st.lists(
+    st.builds(
+        dict,
+        eid=st.integers(0, 40),  # small range: duplicates are common
+        type=_types,
+        user=st.sampled_from(["u1", "u2"]),
+        item=st.sampled_from(["t1", "t2", "t3"]),
+        dt=st.integers(-70_000, 70_000),  # disorder, lateness for short windows, future tiles
+        amount=st.one_of(st.none(), st.integers(-10, 10), st.floats(-100, 100, allow_nan=False)),
+        tag=st.one_of(st.none(), st.sampled_from(["a", "b"])),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_events, batch=st.integers(1, 25), read_dt=st.sampled_from([0, 1_999, 9_999, 30_000]))
+def test_property_engine_equals_reference(redis_url: str, raw: list[dict[str, Any]], batch: int, read_dt: int) -> None:
+    now = 1_700_000_000_000 + 500
+    by_id: dict[int, Event] = {}
+    events = []
+    for r in raw:
+        props: dict[str, bool | int | float | str] = {}
+        if r["amount"] is not None:
+            props["amount"] = r["amount"]
+        if r["tag"] is not None:
+            props["tag"] = r["tag"]
+        # a duplicate is the same event sent again: same id, same content
+        e = by_id.setdefault(
+            r["eid"],
+            Event(event_id=f"e{r['eid']}", type=r["type"], user_id=r["user"], item_id=r["item"],
+                  ts=now + r["dt"], received_at=now, properties=props),
+        )  # fmt: skip
+        events.append(e)
+
+    async def run() -> None:
+        s = Settings(redis={"url": redis_url, "key_prefix": f"p{uuid.uuid4().hex[:8]}:"})
+        redis = connect(s)
+        try:
+            store = FeatureStore(redis, Keys(s.redis.key_prefix), CONFIG, dedup_horizon_ms=3_600_000)
+            for start in range(0, len(events), batch):
+                await store.apply(events[start : start + batch], now=now)
+            as_of = now + read_dt
+            want = expected(events, CONFIG, now, as_of)
+            requests = sorted({(ent, eid) for ent, eid, _ in want})
+            got = dict(
+                zip(requests, await store.read_many([(e, i, None) for e, i in requests], as_of=as_of), strict=True)
+            )
+            for (ent, eid, name), value in want.items():
+                actual = got[(ent, eid)][name]
+                if CONFIG.features[name].approx:
+                    assert actual == pytest.approx(value, abs=1)
+                elif isinstance(value, float):
+                    assert actual == pytest.approx(value, rel=1e-9, abs=1e-9), (ent, eid, name)
+                else:
+                    assert actual == value, (ent, eid, name, actual, value)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
