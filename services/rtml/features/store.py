@@ -29,6 +29,7 @@ from rtml.features.plan import EntityPlan, plan_batch
 from rtml.features.windows import tile_range
 
 FeatureValue = float | int | str | bool | None
+Call = tuple[str, list[str], list[Any]]  # ("apply" | "read", KEYS, ARGV)
 _KIND = {"count": "c", "sum": "s", "mean": "m", "min": "n", "max": "x", "last": "l",
          "distinct_count": "d", "ratio": "r"}  # fmt: skip
 
@@ -167,34 +168,48 @@ class FeatureStore:
             raw = await self._evalsha_many("read", calls) if calls else []
         out: list[FeatureRow] = []
         it = iter(raw)
-        for feats in resolved:
-            flat = next(it) if feats else []
-            values = {name: _decode(f, flat[2 * i]) for i, (name, f) in enumerate(feats)}
-            stamps = [int(u) for u in flat[1::2] if u is not None]
-            out.append(FeatureRow(values, max(stamps) if stamps else None))
+        for (entity, _, names), feats in zip(requests, resolved, strict=True):
+            out.append(self.decode_row(entity, names, next(it) if feats else []))
         return out
 
     async def _evalsha_many(self, which: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """EVALSHA each call in one pipeline; reload the scripts once if Redis lost them (restart)."""
+        return await self.run_calls([(which, keys, args) for keys, args in calls])
+
+    async def run_calls(self, calls: list[Call]) -> list[Any]:
+        """Run apply/read calls in order in ONE pipeline (Redis runs them in that order, so a read placed
+        after an apply sees it); reload the scripts once if Redis lost them (a restart)."""
         for attempt in (0, 1):
             if self._apply_sha is None or self._read_sha is None:
                 await self.load_scripts()
-            sha = self._apply_sha if which == "apply" else self._read_sha
-            assert sha is not None
+            shas = {"apply": self._apply_sha, "read": self._read_sha}
 
-            async def go(sha: str = sha) -> list[Any]:
+            async def go(shas: dict[str, str | None] = shas) -> list[Any]:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for keys, args in calls:
-                        pipe.evalsha(sha, len(keys), *keys, *args)
+                    for which, keys, args in calls:
+                        pipe.evalsha(shas[which], len(keys), *keys, *args)  # type: ignore[arg-type]
                     return list(await pipe.execute())
 
             try:
-                return await guarded(go(), f"feature {which}")
+                return await guarded(go(), "feature store call")
             except NoScriptError:
                 if attempt:
                     raise
                 self._apply_sha = self._read_sha = None
         raise AssertionError("unreachable")
+
+    # -- building blocks for replays (backfill) --------------------------------------------------------
+    def apply_calls(self, events: list[Event], now: int) -> list[Call]:
+        plan = plan_batch(events, self.config, now)
+        return [("apply", *self._apply_call(ep, now)) for ep in plan.entities.values()]
+
+    def read_call(self, entity: str, entity_id: str, names: Sequence[str] | None, as_of: int) -> Call:
+        return ("read", *self._read_call(entity, entity_id, self.resolve(entity, names), as_of))
+
+    def decode_row(self, entity: str, names: Sequence[str] | None, flat: list[Any]) -> FeatureRow:
+        feats = self.resolve(entity, names)
+        values = {name: _decode(f, flat[2 * i]) for i, (name, f) in enumerate(feats)}
+        stamps = [int(u) for u in flat[1::2] if u is not None]
+        return FeatureRow(values, max(stamps) if stamps else None)
 
 
 def _decode(f: FeatureDef, raw: Any) -> FeatureValue:
