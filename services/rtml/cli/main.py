@@ -14,7 +14,8 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from rtml.cli import planned, serve, simulate, train, up
+from rtml.cli import planned, serve, simulate, train
+from rtml.cli import up as up_cmd  # the bare name `up` is ambiguous to mypy (module vs function)
 from rtml.cli.common import CliError, validation_message
 from rtml.core.errors import RtmlError
 
@@ -69,9 +70,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-app.command("up")(up.up)
+app.command("up")(up_cmd.up)
 app.command("serve")(serve.serve)
-app.command("init", hidden=True)(serve.init)
 app.command("simulate")(simulate.simulate)
 app.command("simulate-outcomes", hidden=True)(simulate.simulate_outcomes)
 app.command("train")(train.train)

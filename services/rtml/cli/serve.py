@@ -1,4 +1,4 @@
-"""``rtml serve NAME``: one service in the foreground (what a container runs); ``rtml init`` prepares infra."""
+"""``rtml serve NAME``: one service in the foreground (what a container runs)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
-from rtml.cli.common import CliError, configure_logging, err, load_settings, quiet_logging, run
+from rtml.cli.common import CliError, configure_logging, load_settings, run
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 
@@ -77,24 +77,3 @@ def serve(
         raise CliError(
             f"{name.value} did not start on {settings.host}:{settings.port_of(name.value)}; see the log above"
         )
-
-
-async def _prepare(settings: Settings) -> str | None:
-    from rtml.serving.registry import ensure_demo_model
-
-    await create_topics(settings)
-    return await ensure_demo_model(settings)
-
-
-def prepare(settings: Settings) -> str | None:
-    """Create the topics and, when no ``ctr`` version is live, train and promote the demo model."""
-    return run(_prepare(settings), settings)
-
-
-def init() -> None:
-    """Create topics and register the demo model if none is live (a one-shot container before the services)."""
-    settings = load_settings()
-    quiet_logging()
-    with err.status("creating topics, checking the demo model…"):
-        version = prepare(settings)
-    print(f"demo model ctr version {version} registered and live" if version else "topics ready; a model is live")

@@ -23,15 +23,27 @@ from typing import Any
 import httpx
 import typer
 
-from rtml.cli.common import CliError, err, load_settings, quiet_logging
-from rtml.cli.serve import prepare
+from rtml.cli.common import CliError, err, load_settings, quiet_logging, run
 from rtml.core import embedded
+from rtml.core.kafka import create_topics
 from rtml.core.settings import SERVICES, ServiceName, Settings
 
 READY_TIMEOUT_S = 90.0
 SIMULATOR_STOP_S = 1.0
 SERVICE_STOP_S = 5.0
 INFRA_STOP_S = 1.5
+
+
+async def _prepare(settings: Settings) -> str | None:
+    from rtml.serving.registry import ensure_demo_model
+
+    await create_topics(settings)
+    return await ensure_demo_model(settings)
+
+
+def prepare(settings: Settings) -> str | None:
+    """Create the topics and, when no ``ctr`` version is live, train and promote the demo model."""
+    return run(_prepare(settings), settings)
 
 
 class Child:
