@@ -6,6 +6,7 @@ events -> features visible -> predict uses them (the logged prediction carries t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -80,6 +81,36 @@ def platform(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[P
             proc.wait()
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc; empty elsewhere). Zombies count as gone."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(entry.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    gone: set[int] = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            gone.add(p)
+            continue
+        if state == "Z":
+            gone.add(p)
+    return pids - gone
+
+
 async def consume_until(settings: Settings, topic: str, want: Any, timeout: float = 30) -> dict[str, Any]:
     found: list[dict[str, Any]] = []
 
@@ -114,12 +145,14 @@ async def test_the_whole_loop_over_http(platform: Platform) -> None:
 
         deadline = time.monotonic() + 15
         while True:
-            user_f = (await http.get(f"{u['features']}/v1/features/user/{user}")).json()["features"]
-            item_f = (await http.get(f"{u['features']}/v1/features/item/{item}")).json()["features"]
+            ru = await http.get(f"{u['features']}/v1/features/user/{user}")
+            ri = await http.get(f"{u['features']}/v1/features/item/{item}")
+            assert ru.status_code == ri.status_code == 200, (ru.text, ri.text)
+            user_f, item_f = ru.json()["features"], ri.json()["features"]
             if user_f["user_clicks_5m"] == 1 and item_f["item_ctr_1h"] is not None:
                 break
             assert time.monotonic() < deadline, (user_f, item_f)
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
         assert user_f["user_items_24h"] == 2
         assert item_f["item_ctr_1h"] == pytest.approx(0.5)
 
@@ -161,11 +194,15 @@ async def test_the_whole_loop_over_http(platform: Platform) -> None:
             assert {"0.00025", "2.5"} <= buckets, (name, buckets)
 
     # a clean shutdown within 10 s, nothing left behind
+    children = descendants(platform.proc.pid)
+    if sys.platform == "linux":
+        assert len(children) >= 4, children  # the four services (the broker and redis are the session's)
     started = time.monotonic()
     platform.proc.send_signal(signal.SIGTERM)
     platform.proc.wait(timeout=10)
     assert time.monotonic() - started < 10
     assert platform.proc.returncode == 0, platform.proc.stderr.read().decode() if platform.proc.stderr else ""
+    assert not alive(children), f"left running after rtml up exited: {alive(children)}"
     async with httpx.AsyncClient(timeout=1) as http:
         for url in u.values():
             with pytest.raises(httpx.HTTPError):
@@ -190,8 +227,12 @@ def test_up_starts_its_own_broker_and_redis_and_stops_them(tmp_path: Path) -> No
         assert lines["kafka"].endswith("(embedded)") and lines["redis"].endswith("(embedded)")
         r = httpx.post(f"{lines['ingest']}/v1/events", json={"type": "view", "user_id": "u1"})
         assert r.status_code == 202
+        children = descendants(proc.pid)
+        if sys.platform == "linux":
+            assert len(children) >= 6, children  # four services, the broker and redis-server
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
+        assert not alive(children), f"left running after rtml up exited: {alive(children)}"
         broker_port = int(lines["kafka"].split()[0].rsplit(":", 1)[1])
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", broker_port), timeout=0.5):
             pass
