@@ -1,31 +1,25 @@
 -- Apply one entity's events atomically, each at most once (dedup by event_id).
--- KEYS[1]   = the entity's seen-set (sorted set: event_id -> arrival ms)
--- KEYS[2..] = the entity's feature hashes (field = tile, or prefix..tile)
--- ARGV: now, horizon_ms, nkeys, then per feature key: ttl_ms (0 = lifetime), min_tile, kind,
---       then nevents, then per event: event_id, nops, then per op: kind, key_index, tile, a, b
--- Returns {applied, duplicates}.
-local now = tonumber(ARGV[1])
-local horizon = tonumber(ARGV[2])
-local nkeys = tonumber(ARGV[3])
-local seen = KEYS[1]
-local i = 4
-local ttl, min_tile, kinds, touched = {}, {}, {}, {}
-for k = 1, nkeys do
-  ttl[k] = tonumber(ARGV[i]); min_tile[k] = tonumber(ARGV[i + 1]); kinds[k] = ARGV[i + 2]; i = i + 3
+-- KEYS[1] = the entity's seen-set (sorted set event_id -> arrival ms); its hash tag routes the call.
+-- ARGV[1] = JSON {"now", "horizon", "base", "keys": [[feature, ttl_ms (0 = lifetime), min_tile, kind]...],
+--                 "events": [[event_id, [[kind, key_index, tile, a, b], ...]], ...]}
+-- Feature hashes are base .. ':f:' .. feature (same hash tag). One JSON argument instead of hundreds keeps
+-- the client's encoding cost flat. Returns {applied, duplicates}.
+local req = cjson.decode(ARGV[1])
+local now, horizon, seen = req.now, req.horizon, KEYS[1]
+local keys, ttl, min_tile, kinds, touched = {}, {}, {}, {}, {}
+for k, spec in ipairs(req.keys) do
+  keys[k] = req.base .. ':f:' .. spec[1]; ttl[k] = spec[2]; min_tile[k] = spec[3]; kinds[k] = spec[4]
 end
 
 redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - horizon)
 
 local applied, dups = 0, 0
-local nevents = tonumber(ARGV[i]); i = i + 1
-for e = 1, nevents do
-  local eid = ARGV[i]; local nops = tonumber(ARGV[i + 1]); i = i + 2
-  local fresh = redis.call('ZADD', seen, 'NX', now, eid) == 1
-  if fresh then applied = applied + 1 else dups = dups + 1 end
-  for o = 1, nops do
-    if fresh then
-      local ki = tonumber(ARGV[i + 1])
-      local kind, key, tile, a, b = ARGV[i], KEYS[ki + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+for _, ev in ipairs(req.events) do
+  if redis.call('ZADD', seen, 'NX', now, ev[1]) == 1 then
+    applied = applied + 1
+    for _, op in ipairs(ev[2]) do
+      local kind, ki, tile, a, b = op[1], op[2], op[3], op[4], op[5]
+      local key = keys[ki]
       touched[ki] = true
       if kind == 'c' then
         redis.call('HINCRBY', key, tile, 1)
@@ -58,13 +52,14 @@ for e = 1, nevents do
         if b ~= '0' then redis.call('HINCRBY', key, 'd' .. tile, tonumber(b)) end
       end
     end
-    i = i + 5
+  else
+    dups = dups + 1
   end
 end
 
 -- Housekeeping: drop tiles that slid out of every future read (once per tile advance), refresh TTLs.
-for k = 1, nkeys do
-  local key = KEYS[k + 1]
+for k = 1, #keys do
+  local key = keys[k]
   if touched[k] then redis.call('HSET', key, '_u', now) end
   if ttl[k] > 0 then
     local pruned = tonumber(redis.call('HGET', key, '_p') or '-1e18')
@@ -77,7 +72,7 @@ for k = 1, nkeys do
           if kinds[k] == 'h' then redis.call('DEL', key .. ':h:' .. f) end
         end
       end
-      redis.call('HSET', key, '_p', min_tile[k])
+      redis.call('HSET', key, '_p', string.format('%d', min_tile[k]))
     end
     redis.call('PEXPIRE', key, ttl[k])
   end

@@ -1,57 +1,77 @@
 -- Read features of one entity at time as_of, in one call.
--- KEYS = feature hashes; ARGV: as_of, then per key: kind, tile_ms, n_tiles (0 = lifetime)
--- Returns two entries per key: the value (a number as text, JSON text for 'l', or nil when empty) and
--- the time the key was last updated (epoch ms as text, or nil).
+-- KEYS[1] = the entity's key base (its hash tag routes the call); feature hashes are KEYS[1] .. ':f:' .. name
+-- ARGV[1] = as_of; ARGV[2] = JSON [[name, kind, tile_ms, n_tiles (0 = lifetime)], ...] (cached by the client)
+-- Returns two entries per feature: the value (a number as text, JSON text for 'l', or nil when empty) and
+-- the time the feature was last updated (epoch ms as text, or nil).
+-- Field names (see apply.lua): a bare tile number, or one letter then the tile (s/c mean, n/d ratio, t/v last),
+-- or 'tile|value' (exact distinct); '_u' and '_p' are bookkeeping.
 local as_of = tonumber(ARGV[1])
+local spec = cjson.decode(ARGV[2])
 local out = {}
+local byte, sub, find, tonum = string.byte, string.sub, string.find, tonumber
 local function num(x) return string.format('%.17g', x) end
-for k = 1, #KEYS do
-  local base = 2 + (k - 1) * 3
-  local kind, g, n = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+local LETTER = 96  -- bytes above this are lower-case letters; digits and '-' are below
+
+for k, f in ipairs(spec) do
+  local key = KEYS[1] .. ':f:' .. f[1]
+  local kind, g, n = f[2], f[3], f[4]
   local lo, hi = -1e18, 1e18
   if n > 0 then hi = math.floor(as_of / g); lo = hi - n + 1 end
-  local all = redis.call('HGETALL', KEYS[k])
-  local acc, acc2, best_t, best_v, seen, distinct = 0, 0, nil, nil, false, 0
-  local values, hll, updated = {}, {}, false
+  local all = redis.call('HGETALL', key)
+  local acc, acc2, seen, count = 0, 0, false, 0
+  local best_t, best_v, updated = nil, nil, false
+  local values, hll = {}, {}
   for j = 1, #all, 2 do
-    local f, v = all[j], all[j + 1]
-    if f == '_u' then updated = v end
-    local p, ts = string.match(f, '^(%a?)(%-?%d+)')
-    local t = tonumber(ts)
-    if t and t >= lo and t <= hi then
-      if kind == 'c' or kind == 's' then
-        acc = acc + tonumber(v); seen = true
-      elseif kind == 'm' or kind == 'r' then
-        if p == 's' or p == 'n' then acc = acc + tonumber(v) else acc2 = acc2 + tonumber(v) end
-      elseif kind == 'n' then
-        local x = tonumber(v)
-        if not seen or x < acc then acc = x end
+    local fld = all[j]
+    local b = byte(fld, 1)
+    if b == 95 then  -- '_'
+      if fld == '_u' then updated = all[j + 1] end
+    elseif kind == 'c' or kind == 's' or kind == 'n' or kind == 'x' then
+      local t = tonum(fld)
+      if t >= lo and t <= hi then
+        local x = tonum(all[j + 1])
+        if kind == 'n' then
+          if not seen or x < acc then acc = x end
+        elseif kind == 'x' then
+          if not seen or x > acc then acc = x end
+        else
+          acc = acc + x
+        end
         seen = true
-      elseif kind == 'x' then
-        local x = tonumber(v)
-        if not seen or x > acc then acc = x end
-        seen = true
-      elseif kind == 'l' then
-        if p == 't' and (best_t == nil or tonumber(v) > best_t) then best_t = tonumber(v); best_v = ts end
-      elseif kind == 'h' then
-        hll[#hll + 1] = KEYS[k] .. ':h:' .. ts
-      elseif kind == 'd' then
-        local val = string.sub(f, string.len(ts) + 2)
-        if not values[val] then values[val] = true; distinct = distinct + 1 end
       end
+    elseif kind == 'm' or kind == 'r' or kind == 'l' then
+      local t = tonum(sub(fld, 2))
+      if t >= lo and t <= hi then
+        if b == 115 or b == 110 then acc = acc + tonum(all[j + 1])          -- 's' sum / 'n' numerator
+        elseif b == 99 or b == 100 then acc2 = acc2 + tonum(all[j + 1])     -- 'c' count / 'd' denominator
+        elseif b == 116 then                                                 -- 't' ts of last
+          local ts = tonum(all[j + 1])
+          if best_t == nil or ts > best_t then best_t = ts; best_v = sub(fld, 2) end
+        end
+      end
+    elseif kind == 'd' then
+      local bar = find(fld, '|', 1, true)
+      local t = tonum(sub(fld, 1, bar - 1))
+      if t >= lo and t <= hi then
+        local val = sub(fld, bar + 1)
+        if not values[val] then values[val] = true; count = count + 1 end
+      end
+    elseif kind == 'h' then
+      local t = tonum(fld)
+      if t >= lo and t <= hi then hll[#hll + 1] = key .. ':h:' .. fld end
     end
   end
-  local r
+  local r = false
   if kind == 'c' or kind == 's' then r = num(acc)
-  elseif kind == 'd' then r = num(distinct)
+  elseif kind == 'd' then r = num(count)
   elseif kind == 'h' then
     if #hll > 0 then r = num(redis.call('PFCOUNT', unpack(hll))) else r = '0' end
   elseif kind == 'm' or kind == 'r' then
-    if acc2 == 0 then r = false else r = num(acc / acc2) end
+    if acc2 ~= 0 then r = num(acc / acc2) end
   elseif kind == 'n' or kind == 'x' then
-    if seen then r = num(acc) else r = false end
+    if seen then r = num(acc) end
   elseif kind == 'l' then
-    if best_t == nil then r = false else r = redis.call('HGET', KEYS[k], 'v' .. best_v) end
+    if best_t ~= nil then r = redis.call('HGET', key, 'v' .. best_v) end
   end
   out[2 * k - 1] = r
   out[2 * k] = updated
