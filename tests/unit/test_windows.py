@@ -76,3 +76,14 @@ def test_reference_ratio_and_empty_values() -> None:
     assert reference_value([ev(1000, "click"), ev(1000, "view"), ev(1500, "view")], f, 2000) == 0.5
     mean = FeatureDef.model_validate({"entity": "user", "agg": "mean", "field": "properties.x", "window": "1m"})
     assert reference_value([ev(1000, y=1)], mean, 2000) is None  # events without the field do not touch it
+
+
+def test_the_worked_example_of_docs_features_md() -> None:
+    f = FeatureDef.model_validate({"entity": "user", "agg": "count", "events": ["click"], "window": "5m"})
+    assert (f.tile_ms, f.n_tiles) == (5_000, 60)
+    clicks = [ev(1_000_000), ev(1_004_999), ev(1_299_000), ev(1_301_000)]
+    assert [tile_of(e.ts, f.tile_ms) for e in clicks] == [200, 200, 259, 260]
+    assert reference_value(clicks, f, 1_299_999) == 3
+    assert reference_value(clicks, f, 1_300_000) == 2
+    assert reference_value(list(reversed(clicks)), f, 1_300_000) == 2
+    assert is_late(1_004_999, 1_300_000, f) and not is_late(1_005_000, 1_300_000, f)
