@@ -125,3 +125,18 @@ def test_bad_history_names_file_line_and_field(tmp_path: Path) -> None:
     src = write(tmp_path / "bad2.jsonl", [{"ts": T0}])
     with pytest.raises(InvalidInput, match=r"bad2.jsonl:1: type: Field required"):
         read_events(src)
+
+
+def test_cli_backfill_writes_one_record_per_event(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src = write(tmp_path / "h.jsonl", history(50, seed=9))
+    done = subprocess.run(
+        [sys.executable, "-m", "rtml.cli.main", "backfill", str(src)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "h.features.jsonl"
+    assert done.stdout.strip() == f"wrote 50 records to {out}"
+    records = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(records) == 50 and all("user_views_total" in r["features"] for r in records)

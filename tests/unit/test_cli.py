@@ -54,8 +54,7 @@ def test_unknown_option_is_one_clear_line() -> None:
     assert "--no-such-option" in one_line(result.stderr)
 
 
-@pytest.mark.parametrize(("args", "issue"), [(["bench", "predict"], 4), (["backfill", "events.jsonl"], 3),
-                                             (["train", "--from-topic"], 5)])  # fmt: skip
+@pytest.mark.parametrize(("args", "issue"), [(["bench", "predict"], 4), (["train", "--from-topic"], 5)])
 def test_planned_commands_say_so_and_exit_2(args: list[str], issue: int) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from rtml.cli.common import not_yet
-
-
-def backfill(
-    events: Path = typer.Argument(..., help="EVENTS.jsonl"),  # noqa: B008
-    out: Path | None = typer.Option(None, help="where to write the point-in-time features"),  # noqa: B008
-) -> None:
-    """Replay past events through the same feature code, point in time (planned: issue 3)."""
-    not_yet("backfill", 3)
 
 
 def bench(kind: str = typer.Argument(..., help="predict, ingest or freshness")) -> None:

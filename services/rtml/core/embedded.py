@@ -8,11 +8,13 @@ Tansu keeps everything in memory and has no retention: long runs grow its memory
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -97,6 +99,14 @@ class Managed:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux), so a ``kill -9`` of ``rtml up``
+    or of a test run does not leave a broker or redis-server behind. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _log_file(name: str, log_dir: Path | None) -> tuple[Path | None, int | None]:
     if log_dir is None:
         return None, subprocess.DEVNULL
@@ -113,7 +123,7 @@ def start_broker(port: int | None = None, log_dir: Path | None = None) -> Manage
     proc = subprocess.Popen(  # noqa: S603 - our own resolved binary, fixed arguments
         [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
          "--storage-engine", "memory://tansu/"],
-        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
+        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
     )  # fmt: skip
     if isinstance(out, int) and out > 2:
         os.close(out)
@@ -134,7 +144,7 @@ def start_redis(port: int | None = None, log_dir: Path | None = None) -> Managed
     proc = subprocess.Popen(  # noqa: S603
         [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--protected-mode", "no"],
-        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
+        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
     )  # fmt: skip
     if isinstance(out, int) and out > 2:
         os.close(out)
