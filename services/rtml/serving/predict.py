@@ -20,23 +20,13 @@ from rtml.core.config import PlatformConfig
 from rtml.core.errors import DependencyUnavailable, NotFound
 from rtml.core.schemas import PredictionLogged
 from rtml.core.timeutil import now_ms
+from rtml.core.values import as_float
 from rtml.features.store import FeatureStore
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.inference.session import LoadedModel
 from rtml.serving.predictlog import PredictionLog
 
 EntityKey = tuple[str, str]  # (entity, entity id)
-
-
-def as_float(value: Any) -> float | None:
-    """A feature value as a finite float; None for missing, non-numeric or non-finite values."""
-    if value is None or isinstance(value, str):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from rtml import __version__
 from rtml.core.config import FeatureDef, PlatformConfig, load_config
 from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.timeutil import now_ms
+from rtml.core.values import as_float
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "rtml.yaml"
 INPUT_NAME = "input"
@@ -88,16 +89,6 @@ def make_training_set(
     return TrainingSet(X, y, features)
 
 
-def _as_float(value: Any) -> float | None:
-    if value is None or isinstance(value, str):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def load_examples(path: Path, features: Sequence[str], defaults: dict[str, float]) -> TrainingSet:
     """JSONL of ``{"features": {...}, "label": 0|1|float}`` (``rtml.examples`` records qualify)."""
     rows: list[list[float]] = []
@@ -117,7 +108,7 @@ def load_examples(path: Path, features: Sequence[str], defaults: dict[str, float
             raise InvalidInput(f'{path}:{lineno}: expected {{"features": {{...}}, "label": 0|1}}') from None
         row = []
         for name in features:
-            v = _as_float(feats.get(name))
+            v = as_float(feats.get(name))
             row.append(defaults.get(name, 0.0) if v is None else v)
         rows.append(row)
         labels.append(1 if label >= 0.5 else 0)
