@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,3 +241,27 @@ def test_up_starts_its_own_broker_and_redis_and_stops_them(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def readme_walkthrough() -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Walk-through", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed")
+def test_the_readme_walkthrough_runs_verbatim(platform: Platform, tmp_path: Path) -> None:
+    """The README's curl block, only with this test's ports, each call failing on an HTTP error."""
+    script = readme_walkthrough()
+    for name, default in (("ingest", 8001), ("features", 8002), ("serving", 8003), ("feedback", 8004)):
+        script = script.replace(f"localhost:{default}", platform.urls[name].removeprefix("http://"))
+    script = script.replace("curl -s ", "curl -sS --fail-with-body ")
+    script = script.replace("# 2. read", "sleep 0.5\n# 2. read")  # "a few milliseconds later", with slack for CI
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert '{"accepted":3}' in out and '{"accepted":1}' in out
+    assert '"user_clicks_5m":1' in out and '"item_ctr_1h":0.5' in out
+    assert '"degraded":false' in out and 'rtml_predictions_total{model="ctr"' in out
