@@ -55,6 +55,8 @@ class RedisSettings(BaseModel):
     url: str | None = None
     # Every key starts with this; tests use a random one per test so they never collide.
     key_prefix: str = "rtml:"
+    # Redis Cluster: group each Lua call's keys by hash slot (single node: any entities share a call).
+    cluster: bool = False
     max_connections: int = 64
     socket_timeout_s: float = 2.0
 

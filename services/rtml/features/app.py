@@ -27,6 +27,7 @@ def make_store(settings: Settings, redis: rredis.Redis) -> FeatureStore:
         load_config(settings.platform_config_path()),
         dedup_horizon_ms=settings.dedup_horizon,
         max_future_ms=settings.max_future_s * 1000,
+        cluster=settings.redis.cluster,
     )
 
 

@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from rtml.core import metrics
@@ -25,7 +26,7 @@ from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.redis import Keys, Redis, guarded
 from rtml.core.schemas import Event
 from rtml.core.timeutil import now_ms
-from rtml.features.plan import EntityPlan, plan_batch
+from rtml.features.plan import EntityPlan, Plan, Planner
 from rtml.features.windows import tile_range
 
 FeatureValue = float | int | str | bool | None
@@ -53,7 +54,7 @@ class _ReadPlan:
 @dataclass(frozen=True, slots=True)
 class FeatureRow:
     values: dict[str, FeatureValue]
-    updated_at: int | None  # epoch ms of the last update of any of these features; None if never
+    updated_at: int | None  # epoch ms of the last change to the entity (within the dedup horizon); None if none
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +75,17 @@ class FeatureStore:
         *,
         dedup_horizon_ms: int = 24 * 3600 * 1000,
         max_future_ms: int = 300_000,
+        cluster: bool = False,
+        apply_chunk: int = 200,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.config = config
         self.dedup_horizon_ms = max(dedup_horizon_ms, config.longest_window_ms)
         self.max_future_ms = max_future_ms
+        self.cluster = cluster
+        self.apply_chunk = apply_chunk
+        self._planner = Planner(config)
         self._apply_src = _script("apply.lua")
         self._read_src = _script("read.lua")
         self._apply_sha: str | None = None
@@ -91,8 +97,8 @@ class FeatureStore:
         self._read_sha = await guarded(self.redis.script_load(self._read_src), "SCRIPT LOAD")
 
     # -- write path ---------------------------------------------------------------------------------
-    def _apply_call(self, ep: EntityPlan, now: int) -> tuple[list[str], list[Any]]:
-        """One apply call for one entity: KEYS = [seen-set], ARGV = [one JSON document] (see apply.lua)."""
+    def _entity_doc(self, ep: EntityPlan, now: int, min_tile: dict[str, int]) -> dict[str, Any]:
+        """What apply.lua needs for one entity: its key base, feature specs and events with their tile ops."""
         index: dict[str, int] = {}
         specs: list[list[Any]] = []
         for i, name in enumerate(ep.features):
@@ -101,35 +107,55 @@ class FeatureStore:
             if f.lifetime:
                 specs.append([name, 0, 0, kind_of(f)])
             else:
-                specs.append([name, f.window_ms + f.tile_ms + self.max_future_ms, tile_range(now, f)[0], kind_of(f)])
-        doc = {
-            "now": now,
-            "horizon": self.dedup_horizon_ms,
+                oldest = min_tile[name] if name in min_tile else tile_range(now, f)[0]
+                specs.append([name, f.window_ms + f.tile_ms + self.max_future_ms, oldest, kind_of(f)])
+        return {
             "base": self.keys.entity(ep.entity, ep.entity_id),
             "keys": specs,
             "events": [[eid, [[k, index[n], t, a, b] for k, n, t, a, b in ops]] for eid, ops in ep.events],
         }
-        return [self.keys.seen(ep.entity, ep.entity_id)], [orjson.dumps(doc)]
+
+    def _apply_groups(self, plan: Plan, now: int) -> list[tuple[Call, list[EntityPlan]]]:
+        """Few, fat calls: up to ``apply_chunk`` entities per Lua call; on a cluster only entities of one slot
+        share a call (all keys of a call must live on one node)."""
+        groups: dict[int, list[EntityPlan]] = {}
+        for ep in plan.entities.values():
+            slot = key_slot(self.keys.seen(ep.entity, ep.entity_id).encode()) if self.cluster else 0
+            groups.setdefault(slot, []).append(ep)
+        out: list[tuple[Call, list[EntityPlan]]] = []
+        for eps in groups.values():
+            for start in range(0, len(eps), self.apply_chunk):
+                chunk = eps[start : start + self.apply_chunk]
+                doc = {
+                    "now": now,
+                    "horizon": self.dedup_horizon_ms,
+                    "entities": [self._entity_doc(ep, now, plan.min_tile) for ep in chunk],
+                }
+                keys = [self.keys.seen(ep.entity, ep.entity_id) for ep in chunk]
+                out.append((("apply", keys, [orjson.dumps(doc)]), chunk))
+        return out
 
     async def apply(self, events: list[Event], now: int | None = None) -> ApplyResult:
         """Apply a micro-batch of events, each at most once per entity. One round trip."""
         now = now_ms() if now is None else now
-        plan = plan_batch(events, self.config, now)
+        plan = self._planner.plan(events, now)
         for name, n in plan.late.items():
             metrics.FEATURE_EVENTS_LATE.labels(feature=name).inc(n)
         late = sum(plan.late.values())
         if not plan.entities:
             return ApplyResult(0, 0, late)
-        calls = [self._apply_call(ep, now) for ep in plan.entities.values()]
+        groups = self._apply_groups(plan, now)
         with metrics.REDIS_SECONDS.labels(op="apply").time():
-            results = await self._evalsha_many("apply", calls)
+            results = await self.run_calls([call for call, _ in groups])
         applied = dups = 0
-        for ep, (a, d) in zip(plan.entities.values(), results, strict=True):
-            applied += int(a)
-            dups += int(d)
-            metrics.FEATURE_EVENTS_APPLIED.labels(entity=ep.entity).inc(int(a))
-            if d:
-                metrics.FEATURE_EVENTS_DUPLICATE.labels(entity=ep.entity).inc(int(d))
+        for (_, eps), flat in zip(groups, results, strict=True):
+            for n, ep in enumerate(eps):
+                a, d = int(flat[2 * n]), int(flat[2 * n + 1])
+                applied += a
+                dups += d
+                metrics.FEATURE_EVENTS_APPLIED.labels(entity=ep.entity).inc(a)
+                if d:
+                    metrics.FEATURE_EVENTS_DUPLICATE.labels(entity=ep.entity).inc(d)
         done = now_ms()
         for e in events:  # accept -> applied, and event time -> applied (clamped: ts may be in the future)
             metrics.FEATURE_FRESHNESS_SECONDS.observe(max(0, done - e.received_at) / 1000)
@@ -222,19 +248,20 @@ class FeatureStore:
 
     # -- building blocks for replays (backfill) --------------------------------------------------------
     def apply_calls(self, events: list[Event], now: int) -> list[Call]:
-        plan = plan_batch(events, self.config, now)
-        return [("apply", *self._apply_call(ep, now)) for ep in plan.entities.values()]
+        return [call for call, _ in self._apply_groups(self._planner.plan(events, now), now)]
 
     def read_call(self, entity: str, entity_id: str, names: Sequence[str] | None, as_of: int) -> Call:
         return ("read", *self._read_call(entity, entity_id, names, as_of))
 
     def decode_row(self, entity: str, names: Sequence[str] | None, flat: list[Any]) -> FeatureRow:
         decoders = self._read_plan(entity, names).decoders
+        if not flat:  # an entity asked for no features
+            return FeatureRow({}, None)
+        # flat = one raw value per feature, then when the entity last changed
         values = {
-            name: (None if raw is None else dec(raw)) for (name, dec), raw in zip(decoders, flat[::2], strict=True)
+            name: (None if raw is None else dec(raw)) for (name, dec), raw in zip(decoders, flat[:-1], strict=True)
         }
-        stamps = [int(u) for u in flat[1::2] if u is not None]
-        return FeatureRow(values, max(stamps) if stamps else None)
+        return FeatureRow(values, None if flat[-1] is None else int(flat[-1]))
 
 
 def _as_int(raw: bytes) -> int:

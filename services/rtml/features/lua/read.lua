@@ -1,10 +1,10 @@
 -- Read features of one entity at time as_of, in one call.
 -- KEYS[1] = the entity's key base (its hash tag routes the call); feature hashes are KEYS[1] .. ':f:' .. name
 -- ARGV[1] = as_of; ARGV[2] = JSON [[name, kind, tile_ms, n_tiles (0 = lifetime)], ...] (cached by the client)
--- Returns two entries per feature: the value (a number as text, JSON text for 'l', or nil when empty) and
--- the time the feature was last updated (epoch ms as text, or nil).
+-- Returns one value per feature (a number as text, JSON text for 'l', or nil when empty), then the time the
+-- entity last changed (epoch ms as text, or nil).
 -- Field names (see apply.lua): a bare tile number, or one letter then the tile (s/c mean, n/d ratio, t/v last),
--- or 'tile|value' (exact distinct); '_u' and '_p' are bookkeeping.
+-- or 'tile|value' (exact distinct).
 local as_of = tonumber(ARGV[1])
 local spec = cjson.decode(ARGV[2])
 local out = {}
@@ -19,14 +19,12 @@ for k, f in ipairs(spec) do
   if n > 0 then hi = math.floor(as_of / g); lo = hi - n + 1 end
   local all = redis.call('HGETALL', key)
   local acc, acc2, seen, count = 0, 0, false, 0
-  local best_t, best_v, updated = nil, nil, false
+  local best_t, best_v = nil, nil
   local values, hll = {}, {}
   for j = 1, #all, 2 do
     local fld = all[j]
     local b = byte(fld, 1)
-    if b == 95 then  -- '_'
-      if fld == '_u' then updated = all[j + 1] end
-    elseif kind == 'c' or kind == 's' or kind == 'n' or kind == 'x' then
+    if kind == 'c' or kind == 's' or kind == 'n' or kind == 'x' then
       local t = tonum(fld)
       if t >= lo and t <= hi then
         local x = tonum(all[j + 1])
@@ -73,7 +71,7 @@ for k, f in ipairs(spec) do
   elseif kind == 'l' then
     if best_t ~= nil then r = redis.call('HGET', key, 'v' .. best_v) end
   end
-  out[2 * k - 1] = r
-  out[2 * k] = updated
+  out[k] = r
 end
+out[#spec + 1] = redis.call('GET', KEYS[1] .. ':u') or false
 return out
