@@ -54,7 +54,7 @@ def test_unknown_option_is_one_clear_line() -> None:
     assert "--no-such-option" in one_line(result.stderr)
 
 
-@pytest.mark.parametrize(("args", "issue"), [(["bench", "predict"], 4), (["train", "--from-topic"], 5)])
+@pytest.mark.parametrize(("args", "issue"), [(["train", "--from-topic"], 5)])
 def test_planned_commands_say_so_and_exit_2(args: list[str], issue: int) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2
@@ -87,3 +87,11 @@ def test_unreachable_dependencies_are_one_line(tmp_path: Path) -> None:
     result = run("simulate", "--duration", "1", "--ingest-url", "http://127.0.0.1:1", env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert "cannot reach ingest" in one_line(result.stderr)
+
+
+def test_bench_options_that_do_not_apply_are_usage_errors() -> None:
+    result = runner.invoke(app, ["bench", "read", "--rate", "100"])
+    assert result.exit_code == 2
+    assert one_line(result.stderr) == "rtml: --rate applies to freshness, not read"
+    result = runner.invoke(app, ["bench", "nope"])
+    assert result.exit_code == 2

@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from rtml.cli import backfill, planned, serve, simulate, train
+from rtml.cli import backfill, bench, serve, simulate, train
 from rtml.cli import up as up_cmd  # the bare name `up` is ambiguous to mypy (module vs function)
 from rtml.cli.common import CliError, validation_message
 from rtml.core.errors import RtmlError
@@ -76,7 +76,7 @@ app.command("simulate")(simulate.simulate)
 app.command("simulate-outcomes", hidden=True)(simulate.simulate_outcomes)
 app.command("train")(train.train)
 app.command("backfill")(backfill.backfill)
-app.command("bench")(planned.bench)
+app.command("bench")(bench.bench)
 
 
 def main() -> None:

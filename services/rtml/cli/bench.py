@@ -1,0 +1,68 @@
+"""``rtml bench KIND``: load benchmarks against the running stack; one JSON summary on stdout."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import orjson
+import typer
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from rtml.cli.common import CliError, err, load_settings, quiet_logging
+
+
+class Kind(StrEnum):
+    ingest = "ingest"
+    freshness = "freshness"
+    predict = "predict"
+    read = "read"
+    memory = "memory"
+
+
+def bench(
+    kind: Kind = typer.Argument(..., help="ingest, freshness, predict (drive the running stack), read, memory (Redis)"),  # noqa: B008
+    duration: float | None = typer.Option(None, min=0.5, help="seconds per run (ingest, freshness, predict)"),
+    rate: int | None = typer.Option(None, min=1, help="background events/s (freshness)"),
+    concurrency: list[int] | None = typer.Option(  # noqa: B008
+        None, min=1, help="requests in flight (ingest: one value; predict: repeat the option for several)"
+    ),
+    repeats: int | None = typer.Option(None, min=1, help="runs whose median is reported (ingest, read)"),
+    out: Path | None = typer.Option(None, help="also write the JSON summary here"),  # noqa: B008
+) -> None:
+    """Measure against a running platform (rtml up) and print a JSON summary: medians and same-run baselines."""
+    from rtml.bench.runner import run_bench
+
+    settings = load_settings()
+    quiet_logging()
+    opts: dict[str, Any] = {}
+    if duration is not None:
+        _only(kind, "--duration", Kind.ingest, Kind.freshness, Kind.predict)
+        opts["duration_s"] = duration
+    if rate is not None:
+        _only(kind, "--rate", Kind.freshness)
+        opts["rate"] = rate
+    if concurrency:
+        _only(kind, "--concurrency", Kind.ingest, Kind.predict)
+        opts["concurrency"] = concurrency[0] if kind is Kind.ingest else tuple(concurrency)
+    if repeats is not None:
+        _only(kind, "--repeats", Kind.ingest, Kind.read)
+        opts["repeats"] = repeats
+    try:
+        with err.status(f"benchmarking {kind.value}…"):
+            result = run_bench(kind.value, settings, **opts)
+    except KafkaError as exc:
+        raise CliError(f"Kafka at {settings.kafka.bootstrap} does not answer: {exc}") from None
+    except RedisError as exc:
+        raise CliError(f"Redis at {settings.redis.url} does not answer: {exc}") from None
+    text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+
+
+def _only(kind: Kind, option: str, *kinds: Kind) -> None:
+    if kind not in kinds:
+        raise CliError(f"{option} applies to {', '.join(k.value for k in kinds)}, not {kind.value}", exit_code=2)
