@@ -92,6 +92,6 @@ def test_unreachable_dependencies_are_one_line(tmp_path: Path) -> None:
 def test_bench_options_that_do_not_apply_are_usage_errors() -> None:
     result = runner.invoke(app, ["bench", "read", "--rate", "100"])
     assert result.exit_code == 2
-    assert one_line(result.stderr) == "rtml: --rate applies to freshness, not read"
+    assert one_line(result.stderr) == "rtml: --rate applies to ingest, freshness, not read"
     result = runner.invoke(app, ["bench", "nope"])
     assert result.exit_code == 2

@@ -24,8 +24,10 @@ class Kind(StrEnum):
 
 def bench(
     kind: Kind = typer.Argument(..., help="ingest, freshness, predict (drive the running stack), read, memory (Redis)"),  # noqa: B008
-    duration: float | None = typer.Option(None, min=0.5, help="seconds per run (ingest, freshness, predict)"),
-    rate: int | None = typer.Option(None, min=1, help="background events/s (freshness)"),
+    duration: float | None = typer.Option(
+        None, min=0.5, help="total seconds, split over runs (ingest, freshness, predict)"
+    ),
+    rate: int | None = typer.Option(None, min=1, help="events/s: paced sending (ingest), background load (freshness)"),
     concurrency: list[int] | None = typer.Option(  # noqa: B008
         None, min=1, help="requests in flight (ingest: one value; predict: repeat the option for several)"
     ),
@@ -42,7 +44,7 @@ def bench(
         _only(kind, "--duration", Kind.ingest, Kind.freshness, Kind.predict)
         opts["duration_s"] = duration
     if rate is not None:
-        _only(kind, "--rate", Kind.freshness)
+        _only(kind, "--rate", Kind.ingest, Kind.freshness)
         opts["rate"] = rate
     if concurrency:
         _only(kind, "--concurrency", Kind.ingest, Kind.predict)
