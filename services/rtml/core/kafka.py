@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -167,6 +168,7 @@ class Consumed(Generic[T]):
     value: T
 
 
+Batches = dict[TopicPartition, list[ConsumerRecord]]
 Decoder = Callable[[ConsumerRecord], T]
 Handler = Callable[[list[Consumed[T]]], Awaitable[None]]
 
@@ -192,6 +194,7 @@ class ConsumerLoop(Generic[T]):
         handle: Handler[T],
         producer: Producer,
         max_records: int | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         k = settings.kafka
         self.name = name
@@ -200,6 +203,7 @@ class ConsumerLoop(Generic[T]):
         self._handle = handle
         self._producer = producer
         self._max_records = max_records or k.max_poll_records
+        self._max_in_flight = max(1, max_in_flight)
         self._stopping = asyncio.Event()
         self._topics = [settings.topic(t) for t in topics]
         self._consumer = AIOKafkaConsumer(
@@ -259,40 +263,76 @@ class ConsumerLoop(Generic[T]):
         await self.close()
 
     async def run(self, *, timeout: float | None = None, count: int | None = None) -> int:  # noqa: ASYNC109
-        """Consume until stopped, or until ``timeout`` seconds passed, or ``count`` records were handled."""
+        """Consume until stopped, or until ``timeout`` seconds passed, or ``count`` records were handled.
+
+        Up to ``max_in_flight`` batches are handled at once (the next batch is decoded and planned while the
+        previous one waits on Redis); offsets are still committed strictly in order, each only after its
+        batch and every batch before it succeeded.
+        """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         backoff = 0.1
+        inflight: deque[tuple[asyncio.Task[None], Batches]] = deque()
         while not self._stopping.is_set():
             if deadline is not None and loop.time() >= deadline:
                 break
             if count is not None and self.processed >= count:
                 break
-            try:
-                batches = await self._consumer.getmany(timeout_ms=100, max_records=self._max_records)
-            except KafkaError as exc:
-                log.warning("%s: fetch failed (%s); retrying", self.name, exc)
-                await asyncio.sleep(0.5)
+            batches: Batches = {}
+            if len(inflight) < self._max_in_flight:
+                try:
+                    batches = await self._consumer.getmany(
+                        timeout_ms=0 if inflight else 100, max_records=self._max_records
+                    )
+                except KafkaError as exc:
+                    log.warning("%s: fetch failed (%s); retrying", self.name, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if batches:
+                    inflight.append((asyncio.create_task(self._work(batches)), batches))
+            if not inflight or (batches and len(inflight) < self._max_in_flight and not inflight[0][0].done()):
                 continue
-            if not batches:
-                continue
+            task, done = inflight.popleft()
             try:
-                await self._process(batches)
+                await task
             except RtmlError as exc:
                 if not exc.retriable:
                     raise
-                self.healthy = False
-                log.warning("%s: %s; retrying the batch in %.1f s", self.name, exc.message, backoff)
-                metrics.CONSUMER_RETRIES.labels(consumer=self.name).inc()
-                for tp, records in batches.items():
-                    self._consumer.seek(tp, records[0].offset)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                await self._rewind(done, inflight, exc, backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            await self._commit(done)
             self.healthy = True
             backoff = 0.1
+        while inflight:  # stopping: finish what is in flight, commit what succeeded in order
+            task, done = inflight.popleft()
+            try:
+                await task
+            except RtmlError:
+                break  # not committed: redelivered after the restart
+            await self._commit(done)
+        for task, _ in inflight:
+            with contextlib.suppress(BaseException):
+                await task
         return self.processed
+
+    async def _rewind(self, failed: Batches, inflight: deque[tuple[asyncio.Task[None], Batches]],
+                      exc: RtmlError, backoff: float) -> None:  # fmt: skip
+        """A retriable failure: let the other batches finish, seek back to the oldest uncommitted record, wait."""
+        self.healthy = False
+        log.warning("%s: %s; retrying from the last commit in %.1f s", self.name, exc.message, backoff)
+        metrics.CONSUMER_RETRIES.labels(consumer=self.name).inc()
+        first: dict[TopicPartition, int] = {tp: records[0].offset for tp, records in failed.items()}
+        while inflight:
+            task, later = inflight.popleft()
+            with contextlib.suppress(Exception):
+                await task
+            for tp, records in later.items():
+                first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+        for tp, offset in first.items():
+            self._consumer.seek(tp, offset)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), backoff)
 
     async def _isolate(self, batch: list[Consumed[T]], cause: BaseException) -> None:
         """The batch failed for a non-retriable reason: retry record by record, dead-letter the culprits."""
@@ -307,7 +347,8 @@ class ConsumerLoop(Generic[T]):
             except Exception as exc:
                 await self._producer.dead_letter(item.record, f"{type(exc).__name__}: {exc}")
 
-    async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    async def _work(self, batches: Batches) -> None:
+        """Decode (undecodable records go to the dead-letter topic) and handle one batch; no commit."""
         decoded: list[Consumed[T]] = []
         for records in batches.values():
             for rec in records:
@@ -324,6 +365,8 @@ class ConsumerLoop(Generic[T]):
                 await self._isolate(decoded, exc)
             except Exception as exc:  # a poison record must not stop the partition
                 await self._isolate(decoded, exc)
+
+    async def _commit(self, batches: Batches) -> None:
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
         try:
             await self._consumer.commit(offsets)

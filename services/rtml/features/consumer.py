@@ -32,4 +32,5 @@ def features_consumer(settings: Settings, store: FeatureStore, producer: Produce
         decode=decode_event,
         handle=handle,
         producer=producer,
+        max_in_flight=2,  # plan the next batch while Redis applies this one
     )
