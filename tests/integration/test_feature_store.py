@@ -251,3 +251,15 @@ def test_property_engine_equals_reference(redis_url: str, raw: list[dict[str, An
             await redis.aclose()
 
     asyncio.run(run())
+
+
+async def test_a_read_only_replica_is_a_retriable_outage_not_bad_data(store: FeatureStore) -> None:
+    """After a failover the old master answers READONLY: the consumer must retry, never dead-letter."""
+    from rtml.core.errors import DependencyUnavailable
+
+    await store.redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # a replica of nothing: writes refused
+    try:
+        with pytest.raises(DependencyUnavailable):
+            await store.apply([Event(event_id="ro", type="view", user_id="u", ts=1, received_at=1)], now=1)
+    finally:
+        await store.redis.execute_command("REPLICAOF", "NO", "ONE")

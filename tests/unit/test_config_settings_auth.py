@@ -118,3 +118,14 @@ def test_config_errors_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert exc.value.message == f"{path}:4: features.x.entity: unknown entity 'ghost'"
+
+
+def test_huge_numbers_are_input_errors_not_crashes() -> None:
+    from pydantic import ValidationError
+
+    from rtml.core.schemas import OutcomeIn
+    from rtml.core.values import as_float
+
+    assert as_float(10**400) is None and as_float(float("nan")) is None and as_float(2) == 2.0
+    with pytest.raises(ValidationError, match="finite"):
+        OutcomeIn.model_validate({"prediction_id": "p", "label": 10**400})

@@ -70,6 +70,10 @@ def load_script(client: Redis, package: str, name: str) -> AsyncScript:
     return client.register_script(source)
 
 
+# Server states a retry can outlive (restart, failover, memory pressure): never a reason to dead-letter.
+_TRANSIENT = ("LOADING", "BUSY", "READONLY", "OOM", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+
+
 async def guarded(call: Awaitable[T], what: str = "Redis call") -> T:
     """Await a Redis call, mapping connection failures to DependencyUnavailable (503 / consumer retry)."""
     try:
@@ -77,7 +81,7 @@ async def guarded(call: Awaitable[T], what: str = "Redis call") -> T:
     except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
     except RedisError as exc:
-        if "LOADING" in str(exc) or "BUSY" in str(exc):
+        if any(marker in str(exc) for marker in _TRANSIENT):
             raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
         raise
 

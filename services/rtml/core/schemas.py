@@ -144,7 +144,11 @@ class OutcomeIn(BaseModel):
     @field_validator("label")
     @classmethod
     def _label(cls, v: bool | int | float) -> bool | int | float:
-        if isinstance(v, float) and not math.isfinite(v):
+        try:
+            finite = math.isfinite(float(v))
+        except OverflowError:
+            finite = False
+        if not finite:
             raise ValueError("label must be a finite number")
         return v
 

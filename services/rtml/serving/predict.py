@@ -49,9 +49,9 @@ class Predictor:
         model = self.live.get(name)
         if model is not None:
             return model
+        if not self.live.registry_reachable:  # nothing loaded yet and Redis down: 503, not "no live version"
+            raise DependencyUnavailable("redis", "the model registry cannot be read yet")
         if name not in self.live.known:
-            if not self.live.registry_reachable:
-                raise DependencyUnavailable("redis", "the model registry cannot be read yet")
             raise NotFound(f"unknown model {name!r}")
         raise NotFound(f"model {name!r} has no live version (promote one: POST /v1/models/{name}/promote)")
 
