@@ -34,21 +34,23 @@ def make_store(settings: Settings, redis: rredis.Redis) -> FeatureStore:
 @contextlib.asynccontextmanager
 async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, ReadinessCheck]]:
     redis = rredis.connect(settings)
-    store = make_store(settings, redis)
-    app.state.store = store
-    async with Producer(settings) as producer:
-        consumer = features_consumer(settings, store, producer)
-        await consumer.start()
-        consumer.run_in_background()
+    try:
+        store = make_store(settings, redis)
+        app.state.store = store
+        async with Producer(settings) as producer:
+            consumer = features_consumer(settings, store, producer)
+            await consumer.start()
+            consumer.run_in_background()
 
-        async def redis_ready() -> None:
-            await rredis.ping(redis)
+            async def redis_ready() -> None:
+                await rredis.ping(redis)
 
-        try:
-            yield {"kafka": producer.ping, "redis": redis_ready, "consumer": consumer.ready}
-        finally:
-            await consumer.shutdown()
-            await redis.aclose()
+            try:
+                yield {"kafka": producer.ping, "redis": redis_ready, "consumer": consumer.ready}
+            finally:
+                await consumer.shutdown()
+    finally:  # also when start-up fails half way: the pool never leaks
+        await redis.aclose()
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -204,22 +204,19 @@ class FeatureStore:
     ) -> list[FeatureRow]:
         """Like ``read_many``, with when each entity's features last changed (freshness)."""
         as_of = now_ms() if as_of is None else as_of
-        resolved = [self._read_plan(entity, names).feats for entity, _, names in requests]
-        calls = [
-            self._read_call(entity, entity_id, names, as_of)
-            for (entity, entity_id, names), feats in zip(requests, resolved, strict=True)
-            if feats
+        plans = [self._read_plan(entity, names) for entity, _, names in requests]
+        calls: list[Call] = [
+            ("read", [self.keys.entity(entity, entity_id)], [as_of, plan.spec])
+            for (entity, entity_id, _), plan in zip(requests, plans, strict=True)
+            if plan.feats
         ]
         with metrics.REDIS_SECONDS.labels(op="read").time():
-            raw = await self._evalsha_many("read", calls) if calls else []
+            raw = await self.run_calls(calls) if calls else []
         out: list[FeatureRow] = []
         it = iter(raw)
-        for (entity, _, names), feats in zip(requests, resolved, strict=True):
-            out.append(self.decode_row(entity, names, next(it) if feats else []))
+        for (entity, _, names), plan in zip(requests, plans, strict=True):
+            out.append(self.decode_row(entity, names, next(it) if plan.feats else []))
         return out
-
-    async def _evalsha_many(self, which: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        return await self.run_calls([(which, keys, args) for keys, args in calls])
 
     async def run_calls(self, calls: list[Call]) -> list[Any]:
         """Run apply/read calls in order in ONE pipeline (Redis runs them in that order, so a read placed
