@@ -36,28 +36,30 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
         await live.refresh()
     except DependencyUnavailable as exc:  # start anyway: the poller loads the models once Redis answers
         log.warning("models not loaded at startup: %s", exc.message)
-    async with Producer(settings) as producer:
-        predlog = PredictionLog(producer, settings.prediction_log_buffer)
-        predlog.start()
-        poller = asyncio.create_task(live.run(settings.model_poll_interval_s), name="model-poller")
-        app.state.config = config
-        app.state.registry = registry
-        app.state.live = live
-        app.state.producer = producer
-        app.state.predlog = predlog
-        app.state.predictor = Predictor(config, FeatureStore(redis, keys, config), live, predlog)
+    try:
+        async with Producer(settings) as producer:
+            predlog = PredictionLog(producer, settings.prediction_log_buffer)
+            predlog.start()
+            poller = asyncio.create_task(live.run(settings.model_poll_interval_s), name="model-poller")
+            app.state.config = config
+            app.state.registry = registry
+            app.state.live = live
+            app.state.producer = producer
+            app.state.predlog = predlog
+            app.state.predictor = Predictor(config, FeatureStore(redis, keys, config), live, predlog)
 
-        async def redis_ready() -> None:
-            await rredis.ping(redis)
+            async def redis_ready() -> None:
+                await rredis.ping(redis)
 
-        try:
-            yield {"kafka": producer.ping, "redis": redis_ready}
-        finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-            await predlog.close()
-    await redis.aclose()
+            try:
+                yield {"kafka": producer.ping, "redis": redis_ready}
+            finally:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+                await predlog.close()
+    finally:  # also when start-up fails half way
+        await redis.aclose()
 
 
 def create_app(settings: Settings) -> FastAPI:
