@@ -6,6 +6,10 @@ process; ``service`` labels the HTTP metrics so one dashboard query covers all f
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # 0.25 ms .. 2.5 s: sub-millisecond resolution where serving lives, seconds where timeouts live.
@@ -78,3 +82,20 @@ MODEL_LIVE_VERSION = Gauge("rtml_model_live_info", "1 for the version each repli
 # feedback
 OUTCOMES = Counter("rtml_outcomes_total", "Outcomes by join result.", ["result"])
 EXAMPLES = Counter("rtml_examples_total", "Joined examples published.", ["model"])
+
+
+def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """``histogram.observe(v)`` for every v, with one bucket increment per DISTINCT value.
+
+    The features consumer observes two latencies per event (40,000 observations a second at 20,000 events/s)
+    and the values of one micro-batch repeat (ms clocks, one receive time per ingest request). Same result
+    as calling ``observe`` for each value (tested against it); uses the client's value objects, so it also
+    holds in multiprocess mode.
+    """
+    bounds = histogram._upper_bounds  # noqa: SLF001 -- stable since prometheus_client 0.4; no public batch API
+    buckets = histogram._buckets  # noqa: SLF001
+    total = 0.0
+    for value, n in Tally(values).items():
+        buckets[bisect_left(bounds, value)].inc(n)
+        total += value * n
+    histogram._sum.inc(total)  # noqa: SLF001

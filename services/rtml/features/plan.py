@@ -1,13 +1,17 @@
 """Turn a micro-batch of events into per-entity update plans (pure; no I/O).
 
 Each plan lists, per event, the tile operations the apply script performs. Events too late for a
-feature's window are left out and counted; an entity no feature touches gets no plan at all.
+feature's window are left out and counted; an entity no feature touches gets no plan at all. A repeated
+``event_id`` within the batch is dropped per entity here (first one wins, as apply.lua does across batches).
+``aggregate`` folds the ops of many events into one op per (feature, tile), which is what Redis executes.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -15,17 +19,20 @@ from rtml.core.config import FeatureDef, PlatformConfig
 from rtml.core.schemas import Event
 from rtml.features.windows import _distinct_key, is_late, tile_of, touches
 
-# One tile operation: (kind, feature name, tile, a, b) -- see apply.lua for the kinds.
-Op = tuple[str, str, str, str, str]
+# One tile operation: (kind, feature name, tile, a, b). Kinds and operands:
+#   c count (-, -) | s sum, m mean, n min, x max (float value, -) | r ratio (numerator 0/1, denominator 0/1)
+#   d exact distinct, h approximate distinct (distinct key, -) | l last (ts, JSON text of the value)
+Op = tuple[str, str, str, Any, Any]
 
 
 @dataclass(slots=True)
 class EntityPlan:
     entity: str
     entity_id: str
-    features: list[str] = field(default_factory=list)  # the feature keys this plan writes, in KEYS order
-    events: list[tuple[str, list[Op]]] = field(default_factory=list)  # (event_id, ops)
+    features: list[str] = field(default_factory=list)  # the features this plan writes, first touch first
+    events: list[tuple[str, list[Op]]] = field(default_factory=list)  # (event_id, ops), event_ids distinct
     max_received_at: int = 0
+    duplicates: int = 0  # events dropped because their event_id already came earlier in this batch
 
 
 @dataclass(slots=True)
@@ -39,20 +46,20 @@ def op_for(event: Event, name: str, feature: FeatureDef) -> Op:
     tile = "0" if feature.lifetime else str(tile_of(event.ts, feature.tile_ms))
     agg = feature.agg
     if agg == "count":
-        return ("c", name, tile, "1", "")
+        return ("c", name, tile, None, None)
     if agg == "ratio":
         assert feature.numerator is not None and feature.denominator is not None
-        num = "1" if feature.numerator.matches(event.type) else "0"
-        den = "1" if feature.denominator.matches(event.type) else "0"
+        num = 1 if feature.numerator.matches(event.type) else 0
+        den = 1 if feature.denominator.matches(event.type) else 0
         return ("r", name, tile, num, den)
     assert feature.field is not None
     value = event.field(feature.field)
     if agg == "distinct_count":
-        return ("h" if feature.approx else "d", name, tile, _distinct_key(value), "")
+        return ("h" if feature.approx else "d", name, tile, _distinct_key(value), None)
     if agg == "last":
-        return ("l", name, tile, str(event.ts), orjson.dumps(value).decode())
+        return ("l", name, tile, event.ts, orjson.dumps(value).decode())
     kind = {"sum": "s", "mean": "m", "min": "n", "max": "x"}[agg]
-    return (kind, name, tile, repr(float(value)), "")
+    return (kind, name, tile, float(value), None)
 
 
 def entity_id_of(config: PlatformConfig, entity: str, event: Event) -> str | None:
@@ -67,55 +74,60 @@ def entity_id_of(config: PlatformConfig, entity: str, event: Event) -> str | Non
 
 @dataclass(frozen=True, slots=True)
 class _Compiled:
-    """One feature, pre-digested for the hot loop."""
+    """One feature, pre-digested for the hot loop, for one event type."""
 
     name: str
     feature: FeatureDef
-    tile_ms: int
-    n_tiles: int
-    lifetime: bool
-    field: str | None
+    tile_ms: int  # 0 for lifetime features (tile "0")
+    field: str | None  # attribute name (user_id, item_id, ...) when not a property
     prop: str | None  # NAME when field is properties.NAME
-    numeric: bool  # sum/mean/min/max need a number
-    kind: str  # c (count), s/m/n/x (sum/mean/min/max); other aggs go through op_for
+    kind: str  # c s m n x (numeric), r (ratio), d h (distinct), l (last: through op_for)
+    a: Any = None  # ratio: numerator flag for this event type
+    b: Any = None  # ratio: denominator flag for this event type
+
+
+def _compile(name: str, f: FeatureDef, event_type: str) -> _Compiled:
+    prop = f.field[len("properties.") :] if f.field and f.field.startswith("properties.") else None
+    attr = f.field if f.field and prop is None else None
+    tile_ms = 0 if f.lifetime else f.tile_ms
+    if f.agg == "ratio":
+        assert f.numerator is not None and f.denominator is not None
+        num, den = int(f.numerator.matches(event_type)), int(f.denominator.matches(event_type))
+        return _Compiled(name, f, tile_ms, None, None, "r", num, den)
+    kind = {"count": "c", "sum": "s", "mean": "m", "min": "n", "max": "x", "last": "l"}.get(f.agg, "d")
+    if kind == "d" and f.approx:
+        kind = "h"
+    return _Compiled(name, f, tile_ms, attr, prop, kind)
+
+
+Candidates = list[tuple[str, str | None, list[_Compiled]]]  # (entity, its single key attribute or None, features)
 
 
 class Planner:
     """``plan_batch`` for one config, with per-event-type candidate lists cached (the consumer's hot loop).
 
-    Same results as applying ``touches``/``is_late``/``op_for`` feature by feature; only faster.
+    Same results as applying ``touches``/``is_late``/``op_for`` feature by feature (property-tested); only
+    faster: per event type, each feature's kind, ratio flags and field access are worked out once.
     """
 
     def __init__(self, config: PlatformConfig) -> None:
         self.config = config
-        self._entities: list[tuple[str, tuple[str, ...], list[_Compiled]]] = []
-        for entity, ent in config.entities.items():
-            compiled = [
-                _Compiled(
-                    name,
-                    f,
-                    f.tile_ms,
-                    f.n_tiles,
-                    f.lifetime,
-                    f.field,
-                    f.field[len("properties.") :] if f.field and f.field.startswith("properties.") else None,
-                    f.agg in ("sum", "mean", "min", "max"),
-                    {"count": "c", "sum": "s", "mean": "m", "min": "n", "max": "x"}.get(f.agg, "?"),
-                )  # fmt: skip
-                for name, f in config.features_of(entity).items()
-            ]
-            if compiled:
-                self._entities.append((entity, ent.key_fields, compiled))
-        self._by_type: dict[str, list[tuple[str, tuple[str, ...], list[_Compiled]]]] = {}
+        self._by_type: dict[str, Candidates] = {}
 
-    def _for_type(self, event_type: str) -> list[tuple[str, tuple[str, ...], list[_Compiled]]]:
+    def _for_type(self, event_type: str) -> Candidates:
         cached = self._by_type.get(event_type)
         if cached is None:
             cached = []
-            for entity, keys, compiled in self._entities:
-                mine = [c for c in compiled if _type_matches(c.feature, event_type)]
+            for entity, ent in self.config.entities.items():
+                mine = [
+                    _compile(name, f, event_type)
+                    for name, f in self.config.features_of(entity).items()
+                    if _type_matches(f, event_type)
+                ]
                 if mine:
-                    cached.append((entity, keys, mine))
+                    keys = ent.key_fields
+                    simple = keys[0] if len(keys) == 1 and not keys[0].startswith("properties.") else None
+                    cached.append((entity, simple, mine))
             if len(self._by_type) < 10_000:  # event types come from producers: stay bounded
                 self._by_type[event_type] = cached
         return cached
@@ -123,46 +135,71 @@ class Planner:
     def plan(self, events: list[Event], now: int) -> Plan:
         plan = Plan()
         min_tile = plan.min_tile
-        for _, _, compiled in self._entities:
-            for c in compiled:
-                if not c.lifetime:
-                    min_tile[c.name] = now // c.tile_ms - c.n_tiles + 1
+        for f_name, f in self.config.features.items():
+            if not f.lifetime:
+                min_tile[f_name] = now // f.tile_ms - f.n_tiles + 1
         entities = plan.entities
+        late = plan.late
+        ids: dict[tuple[str, str], set[str]] = {}
         for event in events:
-            for entity, key_fields, compiled in self._for_type(event.type):
-                entity_id = (
-                    entity_id_of(self.config, entity, event) if len(key_fields) > 1 else _key(event, key_fields[0])
-                )
+            ts = event.ts
+            props = event.properties
+            for entity, simple, compiled in self._for_type(event.type):
+                if simple is not None:
+                    raw = getattr(event, simple, None)
+                    entity_id = None if raw is None or raw == "" else str(raw)
+                else:
+                    entity_id = entity_id_of(self.config, entity, event)
                 if entity_id is None:
                     continue
                 ops: list[Op] = []
                 for c in compiled:
-                    value = None
-                    if c.field is not None:
-                        value = event.properties.get(c.prop) if c.prop is not None else event.field(c.field)
-                        if value is None or (
-                            c.numeric and (isinstance(value, bool) or not isinstance(value, int | float))
-                        ):
-                            continue
-                    if not c.lifetime and event.ts // c.tile_ms < min_tile[c.name]:
-                        plan.late[c.name] += 1
-                        continue
                     kind = c.kind
-                    tile = "0" if c.lifetime else str(event.ts // c.tile_ms)
-                    if kind == "c":
-                        ops.append(("c", c.name, tile, "1", ""))
-                    elif kind in "smnx" and value is not None:
-                        ops.append((kind, c.name, tile, repr(float(value)), ""))
+                    value: Any = None
+                    if c.prop is not None:
+                        value = props.get(c.prop)
+                    elif c.field is not None:
+                        value = getattr(event, c.field, None)
+                    if kind in "smnx":
+                        if value is None or value is True or value is False or not isinstance(value, int | float):
+                            continue
+                    elif kind != "c" and kind != "r" and value is None:
+                        continue
+                    if c.tile_ms:
+                        t = ts // c.tile_ms
+                        if t < min_tile[c.name]:
+                            late[c.name] += 1
+                            continue
+                        tile = str(t)
                     else:
+                        tile = "0"
+                    if kind == "c":
+                        ops.append(("c", c.name, tile, None, None))
+                    elif kind == "r":
+                        ops.append(("r", c.name, tile, c.a, c.b))
+                    elif kind == "d" or kind == "h":
+                        key = "s" + value if type(value) is str else _distinct_key(value)
+                        ops.append((kind, c.name, tile, key, None))
+                    elif kind == "l":
                         ops.append(op_for(event, c.name, c.feature))
+                    else:
+                        ops.append((kind, c.name, tile, float(value), None))
                 if not ops:
                     continue
                 ep = entities.get((entity, entity_id))
                 if ep is None:
                     ep = entities[(entity, entity_id)] = EntityPlan(entity, entity_id)
+                    ids[(entity, entity_id)] = {event.event_id}
+                else:
+                    seen = ids[(entity, entity_id)]
+                    if event.event_id in seen:
+                        ep.duplicates += 1
+                        continue
+                    seen.add(event.event_id)
+                features = ep.features
                 for op in ops:
-                    if op[1] not in ep.features:
-                        ep.features.append(op[1])
+                    if op[1] not in features:
+                        features.append(op[1])
                 ep.events.append((event.event_id, ops))
                 if event.received_at > ep.max_received_at:
                     ep.max_received_at = event.received_at
@@ -174,13 +211,6 @@ def _type_matches(f: FeatureDef, event_type: str) -> bool:
         assert f.numerator is not None and f.denominator is not None
         return f.numerator.matches(event_type) or f.denominator.matches(event_type)
     return f.matches(event_type)
-
-
-def _key(event: Event, key_field: str) -> str | None:
-    value = event.field(key_field)
-    if value is None or value == "":
-        return None
-    return str(value)
 
 
 def plan_batch(events: list[Event], config: PlatformConfig, now: int) -> Plan:
@@ -207,9 +237,71 @@ def plan_batch(events: list[Event], config: PlatformConfig, now: int) -> Plan:
             ep = plan.entities.get((entity, entity_id))
             if ep is None:
                 ep = plan.entities[(entity, entity_id)] = EntityPlan(entity, entity_id)
+            if any(eid == event.event_id for eid, _ in ep.events):
+                ep.duplicates += 1
+                continue
             for op in ops:
                 if op[1] not in ep.features:
                     ep.features.append(op[1])
             ep.events.append((event.event_id, ops))
             ep.max_received_at = max(ep.max_received_at, event.received_at)
     return plan
+
+
+def aggregate(op_lists: Iterable[list[Op]], fid: dict[str, int]) -> list[list[Any]]:
+    """Fold the ops of several events into the apply script's ops, one per (feature, tile) and kind.
+
+    ``fid`` maps a feature name to its index in the call's feature table. Output ops (see apply.lua):
+    ``[c, f, tile, n, 0]``, ``[s, f, tile, sum, 0]``, ``[m, f, tile, sum, n]``, ``[r, f, tile, num, den]``,
+    ``[n|x, f, tile, min|max, 0]``, ``[l, f, tile, ts, json]`` (greatest ts, ties: the later event),
+    ``[d, f, [tile|key, ...]]`` and ``[h, f, tile, [key, ...]]``. Floats travel as ``repr`` text: Redis's
+    Lua turns numbers into text with 17 significant digits at best, ``repr`` round-trips exactly.
+    """
+    acc: dict[tuple[str, str, str], list[Any]] = {}
+    for ops in op_lists:
+        for kind, name, tile, a, b in ops:
+            cur = acc.get((kind, name, tile))
+            if cur is None:
+                if kind == "c":
+                    acc[(kind, name, tile)] = ["c", fid[name], tile, 1, 0]
+                elif kind == "d":
+                    acc[(kind, name, tile)] = ["d", fid[name], {f"{tile}|{a}": None}]
+                elif kind == "h":
+                    acc[(kind, name, tile)] = ["h", fid[name], tile, {a: None}]
+                elif kind == "m":
+                    acc[(kind, name, tile)] = ["m", fid[name], tile, a, 1]
+                else:  # s n x: one number; r: two counts; l: ts and value
+                    acc[(kind, name, tile)] = [kind, fid[name], tile, a, 0 if b is None else b]
+            elif kind == "c":
+                cur[3] += 1
+            elif kind == "s":
+                cur[3] += a
+            elif kind == "m":
+                cur[3] += a
+                cur[4] += 1
+            elif kind == "r":
+                cur[3] += a
+                cur[4] += b
+            elif kind == "n":
+                if a < cur[3]:
+                    cur[3] = a
+            elif kind == "x":
+                if a > cur[3]:
+                    cur[3] = a
+            elif kind == "l":
+                if a >= cur[3]:
+                    cur[3], cur[4] = a, b
+            elif kind == "d":
+                cur[2][f"{tile}|{a}"] = None
+            else:  # h
+                cur[3][a] = None
+    out = list(acc.values())
+    for op in out:
+        kind = op[0]
+        if kind in "smnx":
+            op[3] = repr(op[3])
+        elif kind == "d":
+            op[2] = list(op[2])
+        elif kind == "h":
+            op[3] = list(op[3])
+    return out

@@ -1,16 +1,21 @@
 """The online feature store: applies planned updates and reads features, each in one Redis round trip.
 
 Layout (per entity, all keys in the entity's hash slot):
-- ``{entity:id}:f:<feature>`` a hash of tiles -> partial aggregate (field names in apply.lua), TTL of the
-  window plus the future-timestamp allowance; tiles that slid out are pruned once per tile advance;
-- ``{entity:id}:seen`` a sorted set event_id -> arrival time, trimmed to the dedup horizon.
+- ``{entity:id}:f:<feature>`` a hash of tiles -> partial aggregate (field names in apply.lua) and ``_p``, the
+  oldest tile kept; TTL of the window plus two tiles plus the future-timestamp allowance, renewed and
+  pruned once per tile advance;
+- ``{entity:id}:seen`` a sorted set event_id -> arrival time, trimmed to the dedup horizon once a minute;
+- ``{entity:id}:u`` when the entity last changed.
 
 Every event is applied to each entity at most once (the seen-set check and the tile updates happen in the
-same Lua call), so redelivered Kafka records and duplicate event_ids never double-count.
+same Lua call), so redelivered Kafka records and duplicate event_ids never double-count. The events of one
+batch are folded per (feature, tile) before they reach Redis: a busy entity costs a handful of Redis
+commands per batch instead of a few per event.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -26,11 +31,12 @@ from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.redis import Keys, Redis, guarded
 from rtml.core.schemas import Event
 from rtml.core.timeutil import now_ms
-from rtml.features.plan import EntityPlan, Plan, Planner
+from rtml.features.plan import EntityPlan, Plan, Planner, aggregate
 from rtml.features.windows import tile_range
 
 FeatureValue = float | int | str | bool | None
 Call = tuple[str, list[str], list[Any]]  # ("apply" | "read", KEYS, ARGV)
+_TRIM_MS = 60_000  # the dedup seen-set is trimmed once a minute per entity: it holds horizon + <= 1 min
 _KIND = {"count": "c", "sum": "s", "mean": "m", "min": "n", "max": "x", "last": "l",
          "distinct_count": "d", "ratio": "r"}  # fmt: skip
 
@@ -97,27 +103,11 @@ class FeatureStore:
         self._read_sha = await guarded(self.redis.script_load(self._read_src), "SCRIPT LOAD")
 
     # -- write path ---------------------------------------------------------------------------------
-    def _entity_doc(self, ep: EntityPlan, now: int, min_tile: dict[str, int]) -> dict[str, Any]:
-        """What apply.lua needs for one entity: its key base, feature specs and events with their tile ops."""
-        index: dict[str, int] = {}
-        specs: list[list[Any]] = []
-        for i, name in enumerate(ep.features):
-            f = self.config.features[name]
-            index[name] = i + 1
-            if f.lifetime:
-                specs.append([name, 0, 0, kind_of(f)])
-            else:
-                oldest = min_tile[name] if name in min_tile else tile_range(now, f)[0]
-                specs.append([name, f.window_ms + f.tile_ms + self.max_future_ms, oldest, kind_of(f)])
-        return {
-            "base": self.keys.entity(ep.entity, ep.entity_id),
-            "keys": specs,
-            "events": [[eid, [[k, index[n], t, a, b] for k, n, t, a, b in ops]] for eid, ops in ep.events],
-        }
-
-    def _apply_groups(self, plan: Plan, now: int) -> list[tuple[Call, list[EntityPlan]]]:
+    def _apply_groups(self, plan: Plan, now: int, *, per_event: bool = False
+                      ) -> list[tuple[Call, list[EntityPlan]]]:  # fmt: skip
         """Few, fat calls: up to ``apply_chunk`` entities per Lua call; on a cluster only entities of one slot
-        share a call (all keys of a call must live on one node)."""
+        share a call (all keys of a call must live on one node). ``per_event``: ops event by event (mode 1 of
+        apply.lua, never answers "resend"); otherwise folded per (feature, tile) (mode 0)."""
         groups: dict[int, list[EntityPlan]] = {}
         for ep in plan.entities.values():
             slot = key_slot(self.keys.seen(ep.entity, ep.entity_id).encode()) if self.cluster else 0
@@ -126,17 +116,39 @@ class FeatureStore:
         for eps in groups.values():
             for start in range(0, len(eps), self.apply_chunk):
                 chunk = eps[start : start + self.apply_chunk]
-                doc = {
-                    "now": now,
-                    "horizon": self.dedup_horizon_ms,
-                    "entities": [self._entity_doc(ep, now, plan.min_tile) for ep in chunk],
-                }
+                fid: dict[str, int] = {}
+                feats: list[Any] = []
+                ents: list[Any] = []  # flat, as apply.lua reads it
+                for ep in chunk:
+                    for name in ep.features:
+                        if name not in fid:
+                            fid[name] = len(fid) + 1
+                            feats += self._feat_spec(name, now, plan.min_tile)
+                    ents += (self.keys.entity(ep.entity, ep.entity_id), len(ep.events))
+                    ents += [eid for eid, _ in ep.events]
+                    if per_event:
+                        ents.append(1)
+                        for _, ops in ep.events:
+                            _flatten(aggregate((ops,), fid), ents)
+                    else:
+                        ents.append(0)
+                        _flatten(aggregate([ops for _, ops in ep.events], fid), ents)
+                doc = [now, self.dedup_horizon_ms, _TRIM_MS, len(fid), *feats, *ents]
                 keys = [self.keys.seen(ep.entity, ep.entity_id) for ep in chunk]
                 out.append((("apply", keys, [orjson.dumps(doc)]), chunk))
         return out
 
+    def _feat_spec(self, name: str, now: int, min_tile: dict[str, int]) -> list[Any]:
+        """apply.lua's entry for a feature: [name, ttl_ms (0 = lifetime), oldest tile read, kind, tile_ms]."""
+        f = self.config.features[name]
+        if f.lifetime:
+            return [name, 0, 0, kind_of(f), 0]
+        oldest = min_tile[name] if name in min_tile else tile_range(now, f)[0]
+        return [name, f.window_ms + f.tile_ms + self.max_future_ms, oldest, kind_of(f), f.tile_ms]
+
     async def apply(self, events: list[Event], now: int | None = None) -> ApplyResult:
-        """Apply a micro-batch of events, each at most once per entity. One round trip."""
+        """Apply a micro-batch of events, each at most once per entity. One round trip (two when an entity
+        mixes new events with already-applied ones, as after a crash mid-batch)."""
         now = now_ms() if now is None else now
         plan = self._planner.plan(events, now)
         for name, n in plan.late.items():
@@ -144,23 +156,40 @@ class FeatureStore:
         late = sum(plan.late.values())
         if not plan.entities:
             return ApplyResult(0, 0, late)
+        applied: Counter[str] = Counter()
+        dups: Counter[str] = Counter()
+        for ep in plan.entities.values():
+            if ep.duplicates:
+                dups[ep.entity] += ep.duplicates
         groups = self._apply_groups(plan, now)
         with metrics.REDIS_SECONDS.labels(op="apply").time():
             results = await self.run_calls([call for call, _ in groups])
-        applied = dups = 0
+        resend = Plan(min_tile=plan.min_tile)
         for (_, eps), flat in zip(groups, results, strict=True):
             for n, ep in enumerate(eps):
                 a, d = int(flat[2 * n]), int(flat[2 * n + 1])
-                applied += a
-                dups += d
-                metrics.FEATURE_EVENTS_APPLIED.labels(entity=ep.entity).inc(a)
-                if d:
-                    metrics.FEATURE_EVENTS_DUPLICATE.labels(entity=ep.entity).inc(d)
+                if a < 0:
+                    resend.entities[(ep.entity, ep.entity_id)] = ep
+                    continue
+                applied[ep.entity] += a
+                dups[ep.entity] += d
+        if resend.entities:
+            groups = self._apply_groups(resend, now, per_event=True)
+            with metrics.REDIS_SECONDS.labels(op="apply").time():
+                results = await self.run_calls([call for call, _ in groups])
+            for (_, eps), flat in zip(groups, results, strict=True):
+                for n, ep in enumerate(eps):
+                    applied[ep.entity] += int(flat[2 * n])
+                    dups[ep.entity] += int(flat[2 * n + 1])
+        for entity, n in applied.items():
+            metrics.FEATURE_EVENTS_APPLIED.labels(entity=entity).inc(n)
+        for entity, n in dups.items():
+            metrics.FEATURE_EVENTS_DUPLICATE.labels(entity=entity).inc(n)
         done = now_ms()
-        for e in events:  # accept -> applied, and event time -> applied (clamped: ts may be in the future)
-            metrics.FEATURE_FRESHNESS_SECONDS.observe(max(0, done - e.received_at) / 1000)
-            metrics.FEATURE_EVENT_LAG_SECONDS.observe(max(0, done - e.ts) / 1000)
-        return ApplyResult(applied, dups, late)
+        # accept -> applied, and event time -> applied (clamped: ts may be in the future)
+        metrics.observe_many(metrics.FEATURE_FRESHNESS_SECONDS, [max(0, done - e.received_at) / 1000 for e in events])
+        metrics.observe_many(metrics.FEATURE_EVENT_LAG_SECONDS, [max(0, done - e.ts) / 1000 for e in events])
+        return ApplyResult(sum(applied.values()), sum(dups.values()), late)
 
     # -- read path ----------------------------------------------------------------------------------
     def resolve(self, entity: str, names: Sequence[str] | None) -> list[tuple[str, FeatureDef]]:
@@ -245,7 +274,8 @@ class FeatureStore:
 
     # -- building blocks for replays (backfill) --------------------------------------------------------
     def apply_calls(self, events: list[Event], now: int) -> list[Call]:
-        return [call for call, _ in self._apply_groups(self._planner.plan(events, now), now)]
+        """Calls that apply ``events`` event by event (never answering "resend"), for pipelining with reads."""
+        return [call for call, _ in self._apply_groups(self._planner.plan(events, now), now, per_event=True)]
 
     def read_call(self, entity: str, entity_id: str, names: Sequence[str] | None, as_of: int) -> Call:
         return ("read", *self._read_call(entity, entity_id, names, as_of))
@@ -259,6 +289,21 @@ class FeatureStore:
             name: (None if raw is None else dec(raw)) for (name, dec), raw in zip(decoders, flat[:-1], strict=True)
         }
         return FeatureRow(values, None if flat[-1] is None else int(flat[-1]))
+
+
+def _flatten(ops: list[list[Any]], out: list[Any]) -> None:
+    """Append ``nops`` and the ops, flat, in apply.lua's layout."""
+    out.append(len(ops))
+    for op in ops:
+        kind = op[0]
+        if kind == "d":
+            out += (kind, op[1], len(op[2]))
+            out += op[2]
+        elif kind == "h":
+            out += (kind, op[1], op[2], len(op[3]))
+            out += op[3]
+        else:
+            out += op
 
 
 def _as_int(raw: bytes) -> int:

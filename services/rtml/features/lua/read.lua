@@ -4,7 +4,7 @@
 -- Returns one value per feature (a number as text, JSON text for 'l', or nil when empty), then the time the
 -- entity last changed (epoch ms as text, or nil).
 -- Field names (see apply.lua): a bare tile number, or one letter then the tile (s/c mean, n/d ratio, t/v last),
--- or 'tile|value' (exact distinct).
+-- or 'tile|value' (exact distinct); '_p' is apply.lua's bookkeeping.
 local as_of = tonumber(ARGV[1])
 local spec = cjson.decode(ARGV[2])
 local out = {}
@@ -24,39 +24,41 @@ for k, f in ipairs(spec) do
   for j = 1, #all, 2 do
     local fld = all[j]
     local b = byte(fld, 1)
-    if kind == 'c' or kind == 's' or kind == 'n' or kind == 'x' then
-      local t = tonum(fld)
-      if t >= lo and t <= hi then
-        local x = tonum(all[j + 1])
-        if kind == 'n' then
-          if not seen or x < acc then acc = x end
-        elseif kind == 'x' then
-          if not seen or x > acc then acc = x end
-        else
-          acc = acc + x
+    if b ~= 95 then  -- '_p' (bookkeeping of apply.lua) is not a tile
+      if kind == 'c' or kind == 's' or kind == 'n' or kind == 'x' then
+        local t = tonum(fld)
+        if t >= lo and t <= hi then
+          local x = tonum(all[j + 1])
+          if kind == 'n' then
+            if not seen or x < acc then acc = x end
+          elseif kind == 'x' then
+            if not seen or x > acc then acc = x end
+          else
+            acc = acc + x
+          end
+          seen = true
         end
-        seen = true
-      end
-    elseif kind == 'm' or kind == 'r' or kind == 'l' then
-      local t = tonum(sub(fld, 2))
-      if t >= lo and t <= hi then
-        if b == 115 or b == 110 then acc = acc + tonum(all[j + 1])          -- 's' sum / 'n' numerator
-        elseif b == 99 or b == 100 then acc2 = acc2 + tonum(all[j + 1])     -- 'c' count / 'd' denominator
-        elseif b == 116 then                                                 -- 't' ts of last
-          local ts = tonum(all[j + 1])
-          if best_t == nil or ts > best_t then best_t = ts; best_v = sub(fld, 2) end
+      elseif kind == 'm' or kind == 'r' or kind == 'l' then
+        local t = tonum(sub(fld, 2))
+        if t >= lo and t <= hi then
+          if b == 115 or b == 110 then acc = acc + tonum(all[j + 1])          -- 's' sum / 'n' numerator
+          elseif b == 99 or b == 100 then acc2 = acc2 + tonum(all[j + 1])     -- 'c' count / 'd' denominator
+          elseif b == 116 then                                                 -- 't' ts of last
+            local ts = tonum(all[j + 1])
+            if best_t == nil or ts > best_t then best_t = ts; best_v = sub(fld, 2) end
+          end
         end
+      elseif kind == 'd' then
+        local bar = find(fld, '|', 1, true)
+        local t = tonum(sub(fld, 1, bar - 1))
+        if t >= lo and t <= hi then
+          local val = sub(fld, bar + 1)
+          if not values[val] then values[val] = true; count = count + 1 end
+        end
+      elseif kind == 'h' then
+        local t = tonum(fld)
+        if t >= lo and t <= hi then hll[#hll + 1] = key .. ':h:' .. fld end
       end
-    elseif kind == 'd' then
-      local bar = find(fld, '|', 1, true)
-      local t = tonum(sub(fld, 1, bar - 1))
-      if t >= lo and t <= hi then
-        local val = sub(fld, bar + 1)
-        if not values[val] then values[val] = true; count = count + 1 end
-      end
-    elseif kind == 'h' then
-      local t = tonum(fld)
-      if t >= lo and t <= hi then hll[#hll + 1] = key .. ':h:' .. fld end
     end
   end
   local r = false
