@@ -142,3 +142,35 @@ async def test_a_poison_record_is_dead_lettered_and_the_rest_of_its_batch_is_han
     assert sorted(handled) == [0, 1, 3, 4]
     assert [orjson.loads(d.value) for d in dead] == [{"n": 2}]
     assert dict(dead[0].headers)[REASON_HEADER] == b"ValueError: cannot apply n=2"
+
+
+async def test_keys_land_on_the_java_clients_partition_and_big_sends_split_into_batches(settings: Settings) -> None:
+    """send_many partitions itself (whole batches per partition): a user's records must land where any Kafka
+    client would put them, in order, and a send larger than one batch (256 KiB) must arrive whole."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    got: list[Consumed[object]] = []
+
+    async def handle(batch: list[Consumed[object]]) -> None:
+        got.extend(batch)
+
+    pad = "x" * 900
+    records = [(f"user-{i % 37}".encode(), orjson.dumps({"n": i, "pad": pad})) for i in range(600)]  # ~560 KB
+    records += [(None, orjson.dumps({"n": 600 + i, "pad": ""})) for i in range(5)]
+    async with Producer(settings) as producer:
+        await producer.send_many("events", records)
+        loop: ConsumerLoop[object] = ConsumerLoop(
+            settings, name="p", topics=["events"], group_id="p", decode=decode_json, handle=handle, producer=producer
+        )
+        async with loop:
+            await loop.run(timeout=30, count=len(records))
+    partitions = sorted({c.record.partition for c in got} | set(range(settings.kafka.partitions)))
+    assert sorted(c.value["n"] for c in got) == list(range(605))  # type: ignore[index]
+    for c in got:
+        if c.record.key is not None:
+            assert c.record.partition == DefaultPartitioner()(c.record.key, partitions, partitions)
+    keyless = {c.record.partition for c in got if c.record.key is None}
+    assert len(keyless) == 1  # one random partition per call for records without a key
+    for user in {c.record.key for c in got if c.record.key is not None}:
+        ns = [c.value["n"] for c in got if c.record.key == user]  # type: ignore[index]
+        assert ns == sorted(ns)  # per-key order kept

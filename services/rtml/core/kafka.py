@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import random
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,7 +22,8 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from rtml.core import metrics
 from rtml.core.errors import DependencyUnavailable, RtmlError, UnprocessableRecord
@@ -99,6 +102,11 @@ class Producer:
             max_request_size=16 * 1024 * 1024,
         )
         self._started = False
+        # topic -> (partition count, key -> partition): murmur2 is pure Python in aiokafka (~1.5 us a key)
+        self._partition_cache: dict[str, tuple[int, dict[bytes, int]]] = {}
+        # (topic, partition) -> records waiting for the flusher (bounded by the callers waiting on them)
+        self._queued: dict[tuple[str, int], list[tuple[list[tuple[bytes | None, bytes]], Headers, Any]]] = {}
+        self._flushers: dict[tuple[str, int], asyncio.Task[None]] = {}
 
     async def start(self) -> None:
         try:
@@ -110,6 +118,8 @@ class Producer:
     async def stop(self) -> None:
         if self._started:
             self._started = False
+            for task in list(self._flushers.values()):
+                task.cancel()
             await self._producer.stop()
 
     async def __aenter__(self) -> Producer:
@@ -122,20 +132,100 @@ class Producer:
     async def send_many(
         self, topic: str, records: Sequence[tuple[bytes | None, bytes]], headers: Headers | None = None
     ) -> None:
-        """Publish ``(key, value)`` records to the topic *name* (without prefix) and wait for acks=all."""
+        """Publish ``(key, value)`` records to the topic *name* (without prefix) and wait for acks=all.
+
+        Records are grouped by partition (the Java client's murmur2 of the key, so a user's records share a
+        partition whoever produced them; keyless records share one random partition per call) and queued
+        per partition; one flusher per partition turns everything queued into whole record batches
+        (aiokafka's batch API: ~1.3 us a record instead of ~9 us through ``send()``), so concurrent callers
+        share batches the way ``linger`` would make them.
+        """
         full = self._settings.topic(topic)
         hdrs = [(SCHEMA_HEADER, SCHEMA_VERSION.encode()), *(headers or [])]
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            futures = [await self._producer.send(full, value=value, key=key, headers=hdrs) for key, value in records]
-            if futures:
-                await asyncio.wait_for(asyncio.gather(*futures), timeout=self._settings.kafka.publish_timeout_s)
+            waits = []
+            for partition, recs in (await self._by_partition(full, records)).items():
+                done: asyncio.Future[None] = loop.create_future()
+                self._queued.setdefault((full, partition), []).append((recs, hdrs, done))
+                if (full, partition) not in self._flushers:
+                    self._flushers[(full, partition)] = asyncio.create_task(self._flush(full, partition))
+                waits.append(done)
+            if waits:
+                await asyncio.wait_for(asyncio.gather(*waits), timeout=self._settings.kafka.publish_timeout_s)
         except (KafkaError, TimeoutError) as exc:
             metrics.KAFKA_PUBLISH_ERRORS.labels(topic=topic).inc()
             raise DependencyUnavailable("kafka", f"Kafka did not acknowledge the publish: {exc!r}") from exc
         metrics.KAFKA_PUBLISH_SECONDS.labels(topic=topic).observe(loop.time() - started)
         metrics.KAFKA_PUBLISHED.labels(topic=topic).inc(len(records))
+
+    async def _flush(self, topic: str, partition: int) -> None:
+        """Send what callers queued for one partition, as few batches as fit, until the queue is empty.
+
+        aiokafka keeps one open batch per partition and makes ``send_batch`` wait until the previous one was
+        taken for sending; records queued meanwhile go out together in the next round."""
+        tp = (topic, partition)
+        entries: list[tuple[list[tuple[bytes | None, bytes]], Headers, Any]] = []
+        try:
+            while self._queued.get(tp):
+                entries = self._queued.pop(tp)
+                waiters = [done for _, _, done in entries]
+                try:
+                    sent = await self._send_batches(topic, partition, entries)
+                except Exception as exc:  # noqa: BLE001 -- handed to every waiting caller
+                    _settle(waiters, exc)
+                    continue
+                sent.add_done_callback(functools.partial(_settle_from, waiters))
+        except asyncio.CancelledError:
+            stopped = KafkaError("the producer stopped")
+            _settle([done for _, _, done in entries + self._queued.pop(tp, [])], stopped)
+            raise
+        finally:
+            del self._flushers[tp]
+
+    async def _send_batches(
+        self, topic: str, partition: int, entries: list[tuple[list[tuple[bytes | None, bytes]], Headers, Any]]
+    ) -> asyncio.Future[Any]:
+        futures = []
+        batch = self._producer.create_batch()
+        for recs, hdrs, _ in entries:
+            for key, value in recs:
+                if batch.append(key=key, value=value, timestamp=None, headers=hdrs) is None:
+                    batch.close()
+                    futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+                    batch = self._producer.create_batch()
+                    if batch.append(key=key, value=value, timestamp=None, headers=hdrs) is None:
+                        raise MessageSizeTooLargeError(f"a record of {len(value)} bytes exceeds the batch size")
+        batch.close()
+        futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+        return asyncio.gather(*futures)
+
+    async def _by_partition(
+        self, topic: str, records: Sequence[tuple[bytes | None, bytes]]
+    ) -> dict[int, list[tuple[bytes | None, bytes]]]:
+        partitions = sorted(await self._producer.partitions_for(topic))
+        cached = self._partition_cache.get(topic)
+        if cached is None or cached[0] != len(partitions) or len(cached[1]) > 100_000:  # bounded; new count: redo
+            cached = self._partition_cache[topic] = (len(partitions), {})
+        memo = cached[1]
+        out: dict[int, list[tuple[bytes | None, bytes]]] = {}
+        keyless: int | None = None
+        for key, value in records:
+            if key is None:
+                if keyless is None:
+                    keyless = random.choice(partitions)  # noqa: S311 -- load spreading, not security
+                p = keyless
+            else:
+                p = memo.get(key, -1)
+                if p < 0:
+                    p = memo[key] = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            group = out.get(p)
+            if group is None:
+                out[p] = [(key, value)]
+            else:
+                group.append((key, value))
+        return out
 
     async def send(self, topic: str, value: Any, key: bytes | None = None, headers: Headers | None = None) -> None:
         await self.send_many(topic, [(key, encode(value))], headers)
@@ -157,6 +247,22 @@ class Producer:
         ]
         await self.send_many("deadletter", [(record.key, record.value or b"")], headers)
         metrics.DEAD_LETTERS.labels(topic=str(record.topic)).inc()
+
+
+def _settle(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for done in waiters:
+        if not done.done():  # a caller that timed out cancelled its own
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+
+def _settle_from(waiters: list[asyncio.Future[None]], sent: asyncio.Future[Any]) -> None:
+    if sent.cancelled():
+        _settle(waiters, KafkaError("publish cancelled"))
+    else:
+        _settle(waiters, sent.exception())
 
 
 T = TypeVar("T")

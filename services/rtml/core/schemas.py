@@ -2,13 +2,12 @@
 
 ``EventIn`` is what a producer sends; ``Event`` is what travels on ``rtml.events``: ``event_id`` always
 set, ``ts`` always epoch milliseconds. Validation that needs the clock (future timestamps) is done by
-``normalize_event`` so the models stay pure.
+``rtml.ingest.validate.parse_events`` so the models stay pure.
 """
 
 from __future__ import annotations
 
 import math
-import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -24,6 +23,7 @@ from pydantic import (
 )
 
 SCHEMA_VERSION = "1"
+_INT64 = 2**63
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 PropertyValue = StrictBool | StrictInt | StrictFloat | StrictStr
@@ -34,10 +34,12 @@ def parse_ts(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
     if isinstance(value, int):
+        if not -_INT64 <= value < _INT64:
+            raise ValueError("ts is out of range")
         return value
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("ts must be finite")
+        if not math.isfinite(value) or not -_INT64 <= value < _INT64:
+            raise ValueError("ts must be finite and in range")
         return int(value)
     if isinstance(value, str):
         try:
@@ -73,6 +75,8 @@ class EventIn(BaseModel):
         for key, val in v.items():
             if isinstance(val, float) and not math.isfinite(val):
                 raise ValueError(f"property {key!r} must be a finite number")
+            if isinstance(val, int) and not -_INT64 <= val < _INT64:
+                raise ValueError(f"property {key!r} does not fit in 64 bits")
             if isinstance(val, str) and len(val) > 4096:
                 raise ValueError(f"property {key!r} is longer than 4096 characters")
         return v
@@ -96,22 +100,6 @@ class Event(BaseModel):
         if path.startswith("properties."):
             return self.properties.get(path[len("properties.") :])
         return getattr(self, path, None)
-
-
-def normalize_event(ev: EventIn, now_ms: int, max_future_ms: int) -> Event:
-    """Fill event_id and ts; reject timestamps too far in the future. Raises ValueError naming the field."""
-    ts = now_ms if ev.ts is None else ev.ts
-    if ts > now_ms + max_future_ms:
-        raise ValueError(f"ts is more than {max_future_ms // 1000} s in the future")
-    return Event(
-        event_id=ev.event_id or uuid.uuid4().hex,
-        type=ev.type,
-        user_id=ev.user_id,
-        item_id=ev.item_id,
-        ts=ts,
-        received_at=now_ms,
-        properties=ev.properties,
-    )
 
 
 class PredictionLogged(BaseModel):

@@ -65,13 +65,12 @@ async def post_events(request: Request) -> Accepted:
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     try:
-        events = parse_events(
+        records = parse_events(
             data, now=now_ms(), max_future_ms=settings.max_future_s * 1000, max_events=settings.max_batch_events
         )
     except Exception:
         metrics.INGEST_REJECTED.inc()
         raise
-    records = [(e.user_id.encode() if e.user_id is not None else None, e.model_dump_json().encode()) for e in events]
     await producer.send_many("events", records)
-    metrics.INGEST_EVENTS.inc(len(events))
-    return Accepted(accepted=len(events))
+    metrics.INGEST_EVENTS.inc(len(records))
+    return Accepted(accepted=len(records))

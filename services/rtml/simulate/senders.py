@@ -10,9 +10,9 @@ import httpx
 
 from rtml.core.errors import DependencyUnavailable, InvalidInput, RtmlError
 from rtml.core.kafka import Producer
-from rtml.core.schemas import EventIn, normalize_event
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
+from rtml.ingest.validate import parse_events
 from rtml.simulate.world import Clickstream, due
 
 
@@ -42,9 +42,8 @@ class KafkaSender:
         self.max_future_ms = settings.max_future_s * 1000
 
     async def send(self, events: list[dict[str, Any]]) -> None:
-        now = now_ms()
-        normalised = [normalize_event(EventIn.model_validate(e), now, self.max_future_ms) for e in events]
-        records = [(e.user_id.encode() if e.user_id else None, e.model_dump_json().encode()) for e in normalised]
+        records = parse_events({"events": events}, now=now_ms(), max_future_ms=self.max_future_ms,
+                               max_events=len(events))  # fmt: skip
         await self.producer.send_many("events", records)
 
 
