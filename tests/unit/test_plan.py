@@ -1,4 +1,5 @@
-"""The fast Planner gives exactly the plan of the straightforward plan_batch (its specification)."""
+"""The fast Planner gives exactly the plan of the straightforward plan_batch (its specification), and folding
+is what applying the events one by one would do."""
 
 from __future__ import annotations
 
@@ -51,4 +52,33 @@ def test_planner_equals_the_specification(events: list[Event], now_dt: int) -> N
     assert list(fast.entities) == list(spec.entities)
     for key, ep in spec.entities.items():
         got = fast.entities[key]
-        assert (got.features, got.events, got.max_received_at) == (ep.features, ep.events, ep.max_received_at)
+        assert ([e.event_id for e in got.events], got.duplicates) == ([e.event_id for e in ep.events], ep.duplicates)
+        assert got.ops == ep.ops
+
+
+def test_folding_keeps_sums_extremes_the_latest_value_and_distinct_keys_per_tile() -> None:
+    now = 1_700_000_000_000  # all four features below have 1 s tiles
+    t0 = now // 1000
+    evs = [
+        Event(
+            event_id=f"f{i}",
+            type="buy",
+            user_id="u1",
+            item_id=f"t{i % 2}",
+            ts=now - 1000 * (i % 3),
+            received_at=now,
+            properties={"amount": float(a), "tag": tag},
+        )
+        for i, (a, tag) in enumerate([(5, "x"), (-2, "y"), (7, "z"), (1, "w")])
+    ] + [Event(event_id="f0", type="buy", user_id="u1", ts=now, received_at=now, properties={"amount": 100.0})]
+    ep = Planner(CONFIG).plan(evs, now).entities[("user", "u1")]
+    assert ep.duplicates == 1  # f0 again: dropped, its amount never counted
+
+    def op(kind: str, name: str, tile: int) -> list[object]:
+        return ep.ops[(kind, name, str(tile))]
+
+    assert [op("s", "s", t)[3] for t in (t0, t0 - 1, t0 - 2)] == [6.0, -2.0, 7.0]
+    assert [op("x", "mx", t)[3] for t in (t0, t0 - 1, t0 - 2)] == [5.0, -2.0, 7.0]
+    assert op("l", "last", t0)[3:] == [now, '"w"']  # f0 and f3 share the greatest ts: the later event wins
+    assert set(op("d", "d", t0)[2]) == {f"{t0}|st0", f"{t0}|st1"}  # type: ignore[arg-type]
+    assert op("c", "c", now // 2000)[3] == 2  # 2 s tiles: f0 and f3

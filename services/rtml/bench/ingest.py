@@ -43,6 +43,7 @@ FRESHNESS = "rtml_features_freshness_seconds"
 LAG = "rtml_features_event_lag_seconds"
 TARGET_E2E_EVENTS_PER_S = 20_000
 TARGET_FRESHNESS_P99_MS = 250
+BASELINE_MAX_EVENTS = 500_000  # unpaced runs: enough for a stable rate, little enough for a memory-only broker
 
 
 def view_events(prefix: str, n: int, users: int, items: int, offset: int = 0) -> list[dict[str, Any]]:
@@ -130,9 +131,19 @@ async def _post_for(
 
 
 async def _kafka_baseline(
-    settings: Settings, *, duration_s: float, concurrency: int, batch: int, users: int, items: int, prefix: str
+    settings: Settings,
+    *,
+    duration_s: float,
+    concurrency: int,
+    batch: int,
+    users: int,
+    items: int,
+    prefix: str,
+    max_events: int,
 ) -> dict[str, Any]:
-    """The same events in ingest's normalised shape, published straight to a scratch topic (acks=all)."""
+    """The same events in ingest's normalised shape, published straight to a scratch topic (acks=all), for
+    ``duration_s`` or ``max_events``, whichever comes first: an uncapped baseline wrote ~3 million records a
+    run, and the embedded broker, which keeps everything in memory, got slower run after run."""  # fmt: skip
     now = now_ms()
     records: list[tuple[bytes | None, bytes]] = []
     for ev in view_events(prefix, batch * 4, users, items):
@@ -147,7 +158,7 @@ async def _kafka_baseline(
         async def worker(k: int) -> None:
             nonlocal sent
             i = k
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline and sent < max_events:
                 await producer.send_many(SCRATCH_TOPIC, chunks[i % len(chunks)])
                 sent += batch
                 i += 1
@@ -249,8 +260,9 @@ async def bench_ingest(
     for k in range(max(1, repeats)):
         prefix = f"bench-{rid}r{k}"
         base = await _kafka_baseline(
-            settings, duration_s=per_run, concurrency=concurrency, batch=batch, users=users, items=items, prefix=prefix
-        )
+            settings, duration_s=per_run, concurrency=concurrency, batch=batch, users=users, items=items, prefix=prefix,
+            max_events=int(rate * per_run) if rate else BASELINE_MAX_EVENTS,
+        )  # fmt: skip
         run = await _platform_run(
             settings,
             duration_s=per_run,

@@ -1,9 +1,10 @@
 """Turn a micro-batch of events into per-entity update plans (pure; no I/O).
 
-Each plan lists, per event, the tile operations the apply script performs. Events too late for a
-feature's window are left out and counted; an entity no feature touches gets no plan at all. A repeated
-``event_id`` within the batch is dropped per entity here (first one wins, as apply.lua does across batches).
-``aggregate`` folds the ops of many events into one op per (feature, tile), which is what Redis executes.
+Per entity, a plan holds its events and their tile operations folded into one op per (feature, tile, kind),
+which is what Redis executes (``fold``). Events too late for a feature's window are left out and counted; an
+entity no feature touches gets no plan at all. A repeated ``event_id`` within the batch is dropped per entity
+(first one wins, as apply.lua does across batches). ``plan_batch`` is the straightforward specification,
+event by event; the resend path of apply.lua (a batch mixing new and seen events) uses it per event.
 """
 
 from __future__ import annotations
@@ -25,14 +26,26 @@ from rtml.features.windows import _distinct_key, is_late, tile_of, touches
 Op = tuple[str, str, str, Any, Any]
 
 
+Folded = dict[tuple[str, str, str], list[Any]]  # (kind, feature, tile) -> folded op, see ``fold``
+
+
 @dataclass(slots=True)
 class EntityPlan:
     entity: str
     entity_id: str
-    features: list[str] = field(default_factory=list)  # the features this plan writes, first touch first
-    events: list[tuple[str, list[Op]]] = field(default_factory=list)  # (event_id, ops), event_ids distinct
-    max_received_at: int = 0
+    events: list[Event] = field(default_factory=list)  # distinct event_ids, batch order
+    ops: Folded = field(default_factory=dict)  # the events' ops folded
     duplicates: int = 0  # events dropped because their event_id already came earlier in this batch
+    ids: set[str] = field(default_factory=set)
+
+    def add(self, event: Event, ops: list[Op]) -> None:
+        """Fold in an event's ops unless its event_id is already in this plan."""
+        if event.event_id in self.ids:
+            self.duplicates += 1
+            return
+        self.ids.add(event.event_id)
+        self.events.append(event)
+        fold(self.ops, ops)
 
 
 @dataclass(slots=True)
@@ -140,7 +153,6 @@ class Planner:
                 min_tile[f_name] = now // f.tile_ms - f.n_tiles + 1
         entities = plan.entities
         late = plan.late
-        ids: dict[tuple[str, str], set[str]] = {}
         for event in events:
             ts = event.ts
             props = event.properties
@@ -189,20 +201,7 @@ class Planner:
                 ep = entities.get((entity, entity_id))
                 if ep is None:
                     ep = entities[(entity, entity_id)] = EntityPlan(entity, entity_id)
-                    ids[(entity, entity_id)] = {event.event_id}
-                else:
-                    seen = ids[(entity, entity_id)]
-                    if event.event_id in seen:
-                        ep.duplicates += 1
-                        continue
-                    seen.add(event.event_id)
-                features = ep.features
-                for op in ops:
-                    if op[1] not in features:
-                        features.append(op[1])
-                ep.events.append((event.event_id, ops))
-                if event.received_at > ep.max_received_at:
-                    ep.max_received_at = event.received_at
+                ep.add(event, ops)
         return plan
 
 
@@ -237,71 +236,69 @@ def plan_batch(events: list[Event], config: PlatformConfig, now: int) -> Plan:
             ep = plan.entities.get((entity, entity_id))
             if ep is None:
                 ep = plan.entities[(entity, entity_id)] = EntityPlan(entity, entity_id)
-            if any(eid == event.event_id for eid, _ in ep.events):
-                ep.duplicates += 1
-                continue
-            for op in ops:
-                if op[1] not in ep.features:
-                    ep.features.append(op[1])
-            ep.events.append((event.event_id, ops))
-            ep.max_received_at = max(ep.max_received_at, event.received_at)
+            ep.add(event, ops)
     return plan
 
 
-def aggregate(op_lists: Iterable[list[Op]], fid: dict[str, int]) -> list[list[Any]]:
-    """Fold the ops of several events into the apply script's ops, one per (feature, tile) and kind.
+def fold(acc: Folded, ops: Iterable[Op]) -> None:
+    """Fold tile ops into ``acc``: one op per (kind, feature, tile) -- what apply.lua applies.
 
-    ``fid`` maps a feature name to its index in the call's feature table. Output ops (see apply.lua):
-    ``[c, f, tile, n, 0]``, ``[s, f, tile, sum, 0]``, ``[m, f, tile, sum, n]``, ``[r, f, tile, num, den]``,
-    ``[n|x, f, tile, min|max, 0]``, ``[l, f, tile, ts, json]`` (greatest ts, ties: the later event),
-    ``[d, f, [tile|key, ...]]`` and ``[h, f, tile, [key, ...]]``. Floats travel as ``repr`` text: Redis's
-    Lua turns numbers into text with 17 significant digits at best, ``repr`` round-trips exactly.
+    Folded ops: ``[c, f, tile, n, 0]``, ``[s, f, tile, sum, 0]``, ``[m, f, tile, sum, n]``,
+    ``[r, f, tile, num, den]``, ``[n|x, f, tile, min|max, 0]``, ``[l, f, tile, ts, json]`` (greatest ts, ties:
+    the later event), ``[d, f, {tile|key}]`` and ``[h, f, tile, {key}]``, with f the feature name.
     """
-    acc: dict[tuple[str, str, str], list[Any]] = {}
-    for ops in op_lists:
-        for kind, name, tile, a, b in ops:
-            cur = acc.get((kind, name, tile))
-            if cur is None:
-                if kind == "c":
-                    acc[(kind, name, tile)] = ["c", fid[name], tile, 1, 0]
-                elif kind == "d":
-                    acc[(kind, name, tile)] = ["d", fid[name], {f"{tile}|{a}": None}]
-                elif kind == "h":
-                    acc[(kind, name, tile)] = ["h", fid[name], tile, {a: None}]
-                elif kind == "m":
-                    acc[(kind, name, tile)] = ["m", fid[name], tile, a, 1]
-                else:  # s n x: one number; r: two counts; l: ts and value
-                    acc[(kind, name, tile)] = [kind, fid[name], tile, a, 0 if b is None else b]
-            elif kind == "c":
-                cur[3] += 1
-            elif kind == "s":
-                cur[3] += a
-            elif kind == "m":
-                cur[3] += a
-                cur[4] += 1
-            elif kind == "r":
-                cur[3] += a
-                cur[4] += b
-            elif kind == "n":
-                if a < cur[3]:
-                    cur[3] = a
-            elif kind == "x":
-                if a > cur[3]:
-                    cur[3] = a
-            elif kind == "l":
-                if a >= cur[3]:
-                    cur[3], cur[4] = a, b
+    for kind, name, tile, a, b in ops:
+        cur = acc.get((kind, name, tile))
+        if cur is None:
+            if kind == "c":
+                acc[(kind, name, tile)] = ["c", name, tile, 1, 0]
             elif kind == "d":
-                cur[2][f"{tile}|{a}"] = None
-            else:  # h
-                cur[3][a] = None
-    out = list(acc.values())
-    for op in out:
-        kind = op[0]
-        if kind in "smnx":
-            op[3] = repr(op[3])
+                acc[(kind, name, tile)] = ["d", name, {f"{tile}|{a}": None}]
+            elif kind == "h":
+                acc[(kind, name, tile)] = ["h", name, tile, {a: None}]
+            elif kind == "m":
+                acc[(kind, name, tile)] = ["m", name, tile, a, 1]
+            else:  # s n x: one number; r: two counts; l: ts and value
+                acc[(kind, name, tile)] = [kind, name, tile, a, 0 if b is None else b]
+        elif kind == "c":
+            cur[3] += 1
+        elif kind == "s":
+            cur[3] += a
+        elif kind == "m":
+            cur[3] += a
+            cur[4] += 1
+        elif kind == "r":
+            cur[3] += a
+            cur[4] += b
+        elif kind == "n":
+            if a < cur[3]:
+                cur[3] = a
+        elif kind == "x":
+            if a > cur[3]:
+                cur[3] = a
+        elif kind == "l":
+            if a >= cur[3]:
+                cur[3], cur[4] = a, b
         elif kind == "d":
-            op[2] = list(op[2])
+            cur[2][f"{tile}|{a}"] = None
+        else:  # h
+            cur[3][a] = None
+
+
+def encode_ops(acc: Folded, fid: dict[str, int], out: list[Any]) -> None:
+    """Append ``nops`` and the folded ops, flat, as apply.lua reads them: feature names become indexes into
+    the call's feature table, floats ``repr`` text (Redis's Lua turns numbers into text with at most 17
+    significant digits; ``repr`` round-trips exactly), key sets lists."""
+    out.append(len(acc))
+    for op in acc.values():
+        kind = op[0]
+        if kind == "d":
+            out += (kind, fid[op[1]], len(op[2]))
+            out += op[2]
         elif kind == "h":
-            op[3] = list(op[3])
-    return out
+            out += (kind, fid[op[1]], op[2], len(op[3]))
+            out += op[3]
+        elif kind in "smnx":
+            out += (kind, fid[op[1]], op[2], repr(op[3]), op[4])
+        else:
+            out += (kind, fid[op[1]], op[2], op[3], op[4])

@@ -31,7 +31,7 @@ from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.redis import Keys, Redis, guarded
 from rtml.core.schemas import Event
 from rtml.core.timeutil import now_ms
-from rtml.features.plan import EntityPlan, Plan, Planner, aggregate
+from rtml.features.plan import EntityPlan, Plan, Planner, encode_ops, plan_batch
 from rtml.features.windows import tile_range
 
 FeatureValue = float | int | str | bool | None
@@ -120,19 +120,20 @@ class FeatureStore:
                 feats: list[Any] = []
                 ents: list[Any] = []  # flat, as apply.lua reads it
                 for ep in chunk:
-                    for name in ep.features:
-                        if name not in fid:
-                            fid[name] = len(fid) + 1
-                            feats += self._feat_spec(name, now, plan.min_tile)
+                    for op in ep.ops.values():
+                        if op[1] not in fid:
+                            fid[op[1]] = len(fid) + 1
+                            feats += self._feat_spec(op[1], now, plan.min_tile)
                     ents += (self.keys.entity(ep.entity, ep.entity_id), len(ep.events))
-                    ents += [eid for eid, _ in ep.events]
+                    ents += [e.event_id for e in ep.events]
                     if per_event:
                         ents.append(1)
-                        for _, ops in ep.events:
-                            _flatten(aggregate((ops,), fid), ents)
+                        for e in ep.events:  # the specification planner, one event at a time (rare path)
+                            one = plan_batch([e], self.config, now).entities[(ep.entity, ep.entity_id)]
+                            encode_ops(one.ops, fid, ents)
                     else:
                         ents.append(0)
-                        _flatten(aggregate([ops for _, ops in ep.events], fid), ents)
+                        encode_ops(ep.ops, fid, ents)
                 doc = [now, self.dedup_horizon_ms, _TRIM_MS, len(fid), *feats, *ents]
                 keys = [self.keys.seen(ep.entity, ep.entity_id) for ep in chunk]
                 out.append((("apply", keys, [orjson.dumps(doc)]), chunk))
@@ -289,21 +290,6 @@ class FeatureStore:
             name: (None if raw is None else dec(raw)) for (name, dec), raw in zip(decoders, flat[:-1], strict=True)
         }
         return FeatureRow(values, None if flat[-1] is None else int(flat[-1]))
-
-
-def _flatten(ops: list[list[Any]], out: list[Any]) -> None:
-    """Append ``nops`` and the ops, flat, in apply.lua's layout."""
-    out.append(len(ops))
-    for op in ops:
-        kind = op[0]
-        if kind == "d":
-            out += (kind, op[1], len(op[2]))
-            out += op[2]
-        elif kind == "h":
-            out += (kind, op[1], op[2], len(op[3]))
-            out += op[3]
-        else:
-            out += op
 
 
 def _as_int(raw: bytes) -> int:
