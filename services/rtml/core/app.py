@@ -30,6 +30,7 @@ from rtml.core.settings import ServiceName, Settings
 
 log = logging.getLogger(__name__)
 
+GC_GEN0_THRESHOLD = 10_000
 ReadinessCheck = Callable[[], Awaitable[None]]
 OpenHook = Callable[[FastAPI, Settings], AbstractAsyncContextManager[dict[str, ReadinessCheck]]]
 
@@ -132,6 +133,9 @@ def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> 
             # collections on the request path stay short (measured: most tail latency is GC pauses).
             gc.collect()
             gc.freeze()
+            # Young collections every 10,000 allocations instead of 700: a predict request allocates a few
+            # hundred objects, so the default collected every couple of requests, on the request path.
+            gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
             yield
 
     app = FastAPI(

@@ -63,8 +63,14 @@ class PayloadTooLarge(RtmlError):
 
 
 class Overloaded(RtmlError):
-    status = 429
+    """Too much work in flight: refused at once (503 + Retry-After) rather than queued into timeouts."""
+
+    status = 503
     code = "overloaded"
+    retriable = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ConfigError(RtmlError):

@@ -67,6 +67,12 @@ REDIS_SECONDS = Histogram(
 
 # serving
 PREDICTIONS = Counter("rtml_predictions_total", "Predictions by model and version.", ["model", "version"])
+SERVING_SHED = Counter(
+    "rtml_serving_shed_total", "Requests refused at once (503) because too many were in flight.", ["route"]
+)
+SERVING_DEADLINE_EXCEEDED = Counter(
+    "rtml_serving_deadline_exceeded_total", "Feature reads abandoned at the request deadline.", ["model"]
+)
 PREDICTIONS_DEGRADED = Counter("rtml_predictions_degraded_total", "Predictions made without the store.", ["model"])
 INFERENCE_SECONDS = Histogram(
     "rtml_inference_duration_seconds", "ONNX Runtime time per call.", ["model"], buckets=LATENCY_BUCKETS

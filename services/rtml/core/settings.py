@@ -94,8 +94,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = 10 * 1024 * 1024
 
     # serving
-    model_poll_interval_s: float = 1.0
+    model_poll_interval_s: float = 1.0  # fallback to the promotions announced on the models topic
     prediction_log_buffer: int = 10_000
+    # The budget of one predict/recommend request unless it sends X-Request-Timeout-Ms: a feature read
+    # that cannot finish within it is abandoned and the answer uses defaults, with degraded: true.
+    predict_timeout_ms: int = Field(default=50, ge=1, le=60_000)
+    # predict/recommend requests in flight per process; one more is refused at once (503), not queued.
+    predict_max_in_flight: int = Field(default=64, ge=1)
     # feedback: how long a prediction waits for its outcome (and an outcome for its prediction)
     join_ttl: Duration = 3600 * 1000
 

@@ -1,11 +1,17 @@
-"""The serving service: ONNX models kept in step with the registry, predictions logged to Kafka."""
+"""The serving service: ONNX models kept in step with the registry, predictions logged to Kafka.
+
+Promotions arrive on the models topic (each replica reloads at once) and, as a fallback, by polling the live
+pointers every ``RTML_MODEL_POLL_INTERVAL_S``. predict/recommend pass the admission middleware first.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -13,9 +19,10 @@ from rtml.core import redis as rredis
 from rtml.core.app import ReadinessCheck, build_app
 from rtml.core.config import load_config
 from rtml.core.errors import DependencyUnavailable
-from rtml.core.kafka import Producer
+from rtml.core.kafka import Consumed, ConsumerLoop, Producer, decode_json
 from rtml.core.settings import Settings
 from rtml.features.store import FeatureStore
+from rtml.serving.admission import AdmissionMiddleware
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.predict import Predictor
 from rtml.serving.predictlog import PredictionLog
@@ -41,6 +48,12 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
             predlog = PredictionLog(producer, settings.prediction_log_buffer)
             predlog.start()
             poller = asyncio.create_task(live.run(settings.model_poll_interval_s), name="model-poller")
+            watcher = promotions_watcher(settings, live, producer)
+            try:
+                await watcher.start()
+                watcher.run_in_background()
+            except DependencyUnavailable as exc:  # the poller still brings promotions within its interval
+                log.warning("not watching the models topic: %s", exc.message)
             app.state.config = config
             app.state.registry = registry
             app.state.live = live
@@ -54,6 +67,7 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
             try:
                 yield {"kafka": producer.ping, "redis": redis_ready}
             finally:
+                await watcher.shutdown()
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
@@ -62,7 +76,31 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
         await redis.aclose()
 
 
+def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer) -> ConsumerLoop[Any]:
+    """Every replica reads every promotion announced on the models topic (its own consumer group) and
+    reloads at once; the poller is the fallback when the topic cannot be read."""
+
+    async def handle(batch: list[Consumed[Any]]) -> None:
+        await live.refresh()  # one refresh per batch: the pointers in Redis are the truth, not the messages
+
+    return ConsumerLoop(
+        settings,
+        name="serving-models",
+        topics=["models"],
+        group_id=f"serving-models-{uuid.uuid4().hex[:12]}",
+        decode=decode_json,
+        handle=handle,
+        producer=producer,
+    )
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = build_app("serving", settings, _open)
     app.include_router(router)
+    app.add_middleware(
+        AdmissionMiddleware,
+        paths=("/v1/predict", "/v1/recommend"),
+        max_in_flight=settings.predict_max_in_flight,
+        timeout_ms=settings.predict_timeout_ms,
+    )
     return app

@@ -1,11 +1,13 @@
 """The request path: features (one Redis round trip) -> one float32 matrix -> one ONNX call -> log.
 
 Feature values come, in order of precedence, from the request, the online store, the model's declared
-defaults, else 0.0. ``degraded`` is true only when the store could not be read; the answer is still given.
+defaults, else 0.0. ``degraded`` is true only when the store could not be read (down, or slower than the
+request's deadline); the answer is still given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -22,6 +24,7 @@ from rtml.core.schemas import PredictionLogged
 from rtml.core.timeutil import now_ms
 from rtml.core.values import as_float
 from rtml.features.store import FeatureStore
+from rtml.serving.admission import remaining_s
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.inference.session import LoadedModel
 from rtml.serving.predictlog import PredictionLog
@@ -70,8 +73,10 @@ class Predictor:
                 out.append((name, (fd.entity, entity_id)))
         return out
 
-    async def _read(self, needs: Sequence[tuple[str, EntityKey]]) -> tuple[dict[EntityKey, dict[str, Any]], bool]:
-        """Stored values per entity key, in one round trip; (empty, True) when the store is down."""
+    async def _read(self, model: LoadedModel, needs: Sequence[tuple[str, EntityKey]]
+                    ) -> tuple[dict[EntityKey, dict[str, Any]], bool]:  # fmt: skip
+        """Stored values per entity key, in one round trip; (empty, True) when the store is down or does not
+        answer before the request's deadline (see ``admission``)."""
         wanted: dict[EntityKey, list[str]] = {}
         for name, key in needs:
             names = wanted.setdefault(key, [])
@@ -80,9 +85,17 @@ class Predictor:
         if not wanted:
             return {}, False
         keys = list(wanted)
+        budget = remaining_s()
+        if budget is not None and budget <= 0:
+            metrics.SERVING_DEADLINE_EXCEEDED.labels(model=model.name).inc()
+            return {}, True
         try:
-            rows = await self.store.read_many([(e, i, wanted[(e, i)]) for e, i in keys])
+            async with asyncio.timeout(budget):
+                rows = await self.store.read_many([(e, i, wanted[(e, i)]) for e, i in keys])
         except DependencyUnavailable:
+            return {}, True
+        except TimeoutError:
+            metrics.SERVING_DEADLINE_EXCEEDED.labels(model=model.name).inc()
             return {}, True
         return dict(zip(keys, rows, strict=True)), False
 
@@ -114,7 +127,7 @@ class Predictor:
         model = self.model(name)
         overrides = {k: v for k, v in overrides.items() if as_float(v) is not None}
         needs = self._needs(model, entities, overrides)
-        by_key, degraded = await self._read(needs)
+        by_key, degraded = await self._read(model, needs)
         stored = {n: by_key.get(key, {}).get(n) for n, key in needs}
         row = self._row(model, overrides, stored)
         [score] = self._infer(model, [row])
@@ -136,7 +149,7 @@ class Predictor:
         model = self.model(name)
         items = list(dict.fromkeys(candidates))
         per_item = [self._needs(model, {"user_id": user_id, "item_id": c}, {}) for c in items]
-        by_key, degraded = await self._read([n for needs in per_item for n in needs])
+        by_key, degraded = await self._read(model, [n for needs in per_item for n in needs])
         rows = [self._row(model, {}, {n: by_key.get(key, {}).get(n) for n, key in needs}) for needs in per_item]
         scores = self._infer(model, rows) if rows else []
         order = sorted(range(len(items)), key=lambda i: -scores[i])[:k]

@@ -1,0 +1,123 @@
+"""Serving under a slow store and under overload, on the real redis-server and broker.
+
+Redis is made slow for real: a Lua script that spins for a while blocks the (single-threaded) server, so
+every read queued behind it waits. The tests assert what the answers were and WHEN they came relative to
+that stall (before it ended, or not), never absolute speeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from rtml.core.redis import connect
+from rtml.core.settings import Settings
+from rtml.serving.app import create_app
+from tests.helpers import error_of, eventually, running
+from tests.integration.test_serving import expected_score, register
+
+pytestmark = pytest.mark.integration
+
+SPIN = """
+local t = redis.call('TIME')
+local start = t[1] * 1000 + math.floor(t[2] / 1000)
+while true do
+  t = redis.call('TIME')
+  if t[1] * 1000 + math.floor(t[2] / 1000) - start >= tonumber(ARGV[1]) then break end
+end
+return 1
+"""
+
+
+async def stall_redis(settings: Settings, ms: int) -> float:
+    """Block redis-server for ``ms``; returns the loop time at which it is free again."""
+    redis = connect(settings)
+    try:
+        await redis.eval(SPIN, 0, ms)  # type: ignore[misc]
+    finally:
+        await redis.aclose()
+    return asyncio.get_running_loop().time()
+
+
+async def test_a_read_slower_than_the_deadline_answers_degraded_before_redis_is_back(settings: Settings) -> None:
+    s = settings.model_copy(update={"predict_timeout_ms": 40, "model_poll_interval_s": 3600.0})
+    await register(s)
+    payload = {"entities": {"user_id": "slow", "item_id": "t1"}}
+    async with running(create_app(s)) as client:
+        ok = await client.post("/v1/predict", json=payload)
+        assert ok.status_code == 200 and ok.json()["degraded"] is False
+
+        stall = asyncio.create_task(stall_redis(s, 600))
+        await asyncio.sleep(0.05)  # the script is running: Redis answers nobody until it ends
+        r = await client.post("/v1/predict", json=payload)  # default budget: 40 ms
+        answered = asyncio.get_running_loop().time()
+        r2 = await client.post("/v1/predict", json=payload, headers={"X-Request-Timeout-Ms": "20"})
+        answered2 = asyncio.get_running_loop().time()
+        free_at = await stall
+        assert r.status_code == 200 and r.json()["degraded"] is True
+        assert r.json()["score"] == pytest.approx(expected_score([0.0, 0.0, 0.0]), abs=1e-6)  # the defaults
+        assert r2.status_code == 200 and r2.json()["degraded"] is True
+        assert answered < free_at and answered2 < free_at  # neither waited for Redis
+
+        # a budget long enough to outlast the stall: the read completes, not degraded
+        stall = asyncio.create_task(stall_redis(s, 300))
+        await asyncio.sleep(0.05)
+        r3 = await client.post("/v1/predict", json=payload, headers={"X-Request-Timeout-Ms": "5000"})
+        await stall
+        assert r3.status_code == 200 and r3.json()["degraded"] is False
+
+        metrics = (await client.get("/metrics")).text
+        assert 'rtml_serving_deadline_exceeded_total{model="ctr"} 2.0' in metrics
+
+        for bad in ("0", "abc", "60001"):
+            resp = await client.post("/v1/predict", json=payload, headers={"X-Request-Timeout-Ms": bad})
+            assert resp.status_code == 400 and "X-Request-Timeout-Ms" in error_of(resp)["message"]
+
+
+async def test_past_the_in_flight_limit_requests_are_refused_at_once(settings: Settings) -> None:
+    s = settings.model_copy(update={"predict_max_in_flight": 2, "model_poll_interval_s": 3600.0})
+    await register(s)
+    payload = {"entities": {"user_id": "busy", "item_id": "t1"}}
+    slow = {"X-Request-Timeout-Ms": "10000"}  # these two wait for Redis, holding both slots
+    async with running(create_app(s)) as client:
+        stall = asyncio.create_task(stall_redis(s, 700))
+        await asyncio.sleep(0.05)
+        held = [asyncio.create_task(client.post("/v1/predict", json=payload, headers=slow)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await client.post("/v1/predict", json=payload)
+        refused_at = asyncio.get_running_loop().time()
+        rec = await client.post("/v1/recommend", json={"user_id": "busy", "candidates": ["a"], "k": 1})
+        free_at = await stall
+        answers = await asyncio.gather(*held)
+
+        assert refused.status_code == 503 and error_of(refused)["code"] == "overloaded"
+        assert refused.headers["Retry-After"] == "1"
+        assert rec.status_code == 503
+        assert refused_at < free_at  # refused while the others were still waiting, not after
+        assert [a.status_code for a in answers] == [200, 200]
+        assert all(a.json()["degraded"] is False for a in answers)
+        # capacity is back once they finished
+        assert (await client.post("/v1/predict", json=payload)).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'rtml_serving_shed_total{route="/v1/predict"} 1.0' in metrics
+        # health and metrics are never shed
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_promotion_is_picked_up_from_the_models_topic_without_polling(settings: Settings) -> None:
+    """Polling is off (1 h): only the announcement on the models topic can move the replica."""
+    s = settings.model_copy(update={"model_poll_interval_s": 3600.0})
+    v1 = await register(s, seed=0)
+    v2 = await register(s, seed=1, promote=False)
+    payload: dict[str, Any] = {"entities": {"user_id": "u1"}, "features": {"user_clicks_5m": 3}}
+    async with running(create_app(s)) as admin, running(create_app(s)) as replica:
+        assert (await replica.post("/v1/predict", json=payload)).json()["version"] == v1
+        resp = await admin.post("/v1/models/ctr/promote", json={"version": v2})
+        assert resp.status_code == 200, resp.text
+
+        async def serves_v2() -> None:
+            assert (await replica.post("/v1/predict", json=payload)).json()["version"] == v2
+
+        await eventually(serves_v2, timeout=15)  # (the group join on a fresh consumer takes a few seconds)
