@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 from aiokafka import ConsumerRecord
@@ -174,3 +176,46 @@ async def test_keys_land_on_the_java_clients_partition_and_big_sends_split_into_
     for user in {c.record.key for c in got if c.record.key is not None}:
         ns = [c.value["n"] for c in got if c.record.key == user]  # type: ignore[index]
         assert ns == sorted(ns)  # per-key order kept
+
+
+async def test_a_loop_that_dies_unexpectedly_restarts_from_the_committed_offsets(settings: Settings) -> None:
+    """An unexpected error (here: commit raising something that is not a Kafka error) must not leave a live
+    process that consumes nothing, nor skip the batch that was in flight."""
+    from rtml.core import metrics
+
+    got: list[int] = []
+
+    async def handle(batch: list[Consumed[object]]) -> None:
+        got.extend(c.value["n"] for c in batch)  # type: ignore[index]
+
+    async with Producer(settings) as producer:
+        await producer.send_many("events", [(b"k", orjson.dumps({"n": i})) for i in range(6)])
+        loop: ConsumerLoop[object] = ConsumerLoop(
+            settings, name="sup", topics=["events"], group_id="sup", decode=decode_json, handle=handle,
+            producer=producer,
+        )  # fmt: skip
+        await loop.start()
+        real_commit = loop._consumer.commit
+        calls = {"n": 0}
+
+        async def flaky_commit(*args: object, **kwargs: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a bug in the commit path")
+            await real_commit(*args, **kwargs)  # type: ignore[arg-type]
+
+        loop._consumer.commit = flaky_commit  # type: ignore[method-assign]
+        before = metrics.CONSUMER_RESTARTS.labels(consumer="sup")._value.get()
+        task = loop.run_in_background()
+        try:
+            for _ in range(300):
+                if calls["n"] >= 2 and sorted(set(got)) == list(range(6)):
+                    break
+                await asyncio.sleep(0.1)
+            assert not task.done()  # still consuming after the failure
+            await loop.ready()
+        finally:
+            await loop.shutdown()
+    assert metrics.CONSUMER_RESTARTS.labels(consumer="sup")._value.get() == before + 1
+    assert sorted(set(got)) == list(range(6))
+    assert len(got) > 6  # the first batch was handled, its commit failed, so it was delivered again

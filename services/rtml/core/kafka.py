@@ -282,11 +282,13 @@ Handler = Callable[[list[Consumed[T]]], Awaitable[None]]
 class ConsumerLoop(Generic[T]):
     """A consumer-group member that decodes, handles and commits micro-batches.
 
-    - a record that fails to decode (UnprocessableRecord or any ValueError) goes to the dead-letter topic;
+    - a record that fails to decode (any exception) goes to the dead-letter topic;
     - the handler gets the decoded batch; if it raises a retriable error nothing is committed, the
       consumer seeks back to the batch start and retries with backoff (so a Redis outage pauses it);
     - offsets are committed only after the handler returned;
-    - ``stop()`` (or SIGTERM handled by the caller) finishes the current batch, commits, and leaves.
+    - ``stop()`` (or SIGTERM handled by the caller) finishes the current batch, commits, and leaves;
+    - an unexpected error ends ``run()``; under ``run_in_background`` the loop restarts from the committed
+      offsets (``rtml_consumer_restarts_total``).
     """
 
     def __init__(
@@ -337,9 +339,42 @@ class ConsumerLoop(Generic[T]):
         self._stopping.set()
 
     def run_in_background(self) -> asyncio.Task[int]:
-        """Start ``run()`` as a task; ``ready()`` then reports whether it is still consuming."""
-        self._task = asyncio.create_task(self.run(), name=f"consumer-{self.name}")
+        """Start ``run()`` as a supervised task; ``ready()`` then reports whether it is consuming."""
+        self._task = asyncio.create_task(self._supervise(), name=f"consumer-{self.name}")
         return self._task
+
+    async def _supervise(self) -> int:
+        """``run()``, restarted after an unexpected error (a bug, a client-library surprise) instead of leaving
+        a live process that consumes nothing. Before a restart every assigned partition goes back to its
+        committed offset, so the batches that were in flight are delivered again, not skipped."""
+        backoff = 1.0
+        while True:
+            try:
+                return await self.run()
+            except Exception:
+                if self._stopping.is_set():
+                    raise
+                self.healthy = False
+                metrics.CONSUMER_RESTARTS.labels(consumer=self.name).inc()
+                log.exception("%s: the consumer loop failed; restarting from the committed offsets in %.0f s",
+                              self.name, backoff)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            if self._stopping.is_set():
+                return self.processed
+            backoff = min(backoff * 2, 30.0)
+            try:
+                await self._seek_to_committed()
+            except Exception as exc:  # noqa: BLE001 -- the next round tries again
+                log.warning("%s: cannot seek to the committed offsets yet: %r", self.name, exc)
+
+    async def _seek_to_committed(self) -> None:
+        for tp in self._consumer.assignment():
+            offset = await self._consumer.committed(tp)
+            if offset is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
 
     async def ready(self) -> None:
         """Readiness check: the loop runs and its last batch did not fail with a retriable error."""
@@ -435,8 +470,10 @@ class ConsumerLoop(Generic[T]):
                 await task
             for tp, records in later.items():
                 first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+        assigned = self._consumer.assignment()
         for tp, offset in first.items():
-            self._consumer.seek(tp, offset)
+            if tp in assigned:  # a partition lost in a rebalance restarts from its commit at its new owner
+                self._consumer.seek(tp, offset)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), backoff)
 
@@ -460,7 +497,7 @@ class ConsumerLoop(Generic[T]):
             for rec in records:
                 try:
                     decoded.append(Consumed(rec, self._decode(rec)))
-                except (UnprocessableRecord, ValueError) as exc:
+                except Exception as exc:  # any record that cannot be decoded is a poison record
                     await self._producer.dead_letter(rec, f"{type(exc).__name__}: {exc}")
         if decoded:
             try:

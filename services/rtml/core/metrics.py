@@ -36,6 +36,9 @@ KAFKA_PUBLISH_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )  # fmt: skip
 CONSUMED = Counter("rtml_consumer_records_total", "Records consumed and committed.", ["consumer"])
+CONSUMER_RESTARTS = Counter(
+    "rtml_consumer_restarts_total", "Consumer loops restarted after an unexpected error.", ["consumer"]
+)
 CONSUMER_RETRIES = Counter("rtml_consumer_retries_total", "Batches retried after a retriable error.", ["consumer"])
 CONSUMER_POSITION = Gauge(
     "rtml_consumer_committed_offset", "Last committed offset.", ["consumer", "topic", "partition"]
