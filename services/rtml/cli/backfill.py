@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rtml.cli.common import err, load_settings, quiet_logging, run
+from rtml.cli.common import err, load_client_settings, quiet_logging, run
 from rtml.core.config import load_config
 
 
@@ -23,7 +23,7 @@ def backfill(
     """Replay past events through the feature engine and write the features as of each event (or row)."""
     from rtml.features.backfill import run_backfill
 
-    settings = load_settings()
+    settings = load_client_settings()
     quiet_logging()
     config = load_config(settings.platform_config_path())
     target = out or events.with_name(events.stem + ".features.jsonl")

@@ -11,7 +11,7 @@ import typer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from rtml.cli.common import CliError, err, load_settings, quiet_logging
+from rtml.cli.common import CliError, err, load_client_settings, quiet_logging
 
 
 class Kind(StrEnum):
@@ -37,7 +37,7 @@ def bench(
     """Measure against a running platform (rtml up) and print a JSON summary: medians and same-run baselines."""
     from rtml.bench.runner import run_bench
 
-    settings = load_settings()
+    settings = load_client_settings()
     quiet_logging()
     opts: dict[str, Any] = {}
     if duration is not None:

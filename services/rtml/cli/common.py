@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import typer
@@ -44,9 +45,28 @@ def validation_message(exc: ValidationError) -> str:
     return f"invalid setting RTML_{loc.upper()}: {first.get('msg', 'invalid')}"
 
 
+# Written by `rtml up` (in its run directory, default .rtml) while it runs: where its broker, Redis and
+# services are. Client commands started from the same directory read it, under the real environment.
+ENDPOINTS_FILE = Path(".rtml") / "endpoints.env"
+
+
 def load_settings(**overrides: Any) -> Settings:
+    """Settings for commands that run the platform (``up``, ``serve``): the environment (and ./.env) only."""
     try:
         return Settings(**overrides)
+    except ValidationError as exc:
+        raise CliError(validation_message(exc)) from None
+
+
+def load_client_settings(**overrides: Any) -> Settings:
+    """Settings for commands that talk to a running platform (``bench``, ``simulate``, ``train``, ``models``,
+    ``backfill``): like ``load_settings``, plus, below the environment and ./.env, the endpoints a ``rtml up``
+    running from this directory wrote, so they work in a second terminal without exporting anything."""
+    env_files: list[Path] = [Path(".env")]
+    if ENDPOINTS_FILE.is_file():
+        env_files.insert(0, ENDPOINTS_FILE)  # later files win: ./.env overrides what up wrote
+    try:
+        return Settings(_env_file=env_files, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise CliError(validation_message(exc)) from None
 

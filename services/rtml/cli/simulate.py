@@ -11,7 +11,7 @@ import httpx
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from rtml.cli.common import err, load_settings, quiet_logging, run
+from rtml.cli.common import err, load_client_settings, quiet_logging, run
 from rtml.core.errors import RtmlError
 from rtml.core.kafka import Producer, create_topics
 from rtml.core.settings import Settings
@@ -78,7 +78,7 @@ def simulate(
     keep_going: bool = typer.Option(False, "--keep-going", hidden=True, help="drop failed batches, go on"),
 ) -> None:
     """Synthetic clickstream (views, clicks, purchases with an amount) at a steady rate."""
-    settings = load_settings()
+    settings = load_client_settings()
     quiet_logging()
     stream = Clickstream(World(users, items, seed))
     url = ingest_url or f"http://{settings.host}:{settings.ingest_port}"
@@ -94,7 +94,7 @@ def simulate_outcomes(
     seed: int = typer.Option(0),
 ) -> None:
     """Recommend, click by the simulated ground truth, report outcomes (used by ``rtml up --demo``)."""
-    s = load_settings()
+    s = load_client_settings()
     base = f"http://{s.host}"
 
     async def go() -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rtml.cli.common import err, load_settings, not_yet, quiet_logging, run
+from rtml.cli.common import err, load_client_settings, not_yet, quiet_logging, run
 
 
 def train(
@@ -25,7 +25,7 @@ def train(
         not_yet("train --from-topic", 5)
     from rtml.serving.registry import ensure_demo_model, train_and_register
 
-    settings = load_settings()
+    settings = load_client_settings()
     quiet_logging()
     if if_none_live:  # what the compose trainer runs on every start: never piles up versions
         with err.status("checking the demo model…"):

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import typer
 
-from rtml.cli.common import CliError, err, load_settings, quiet_logging, run
+from rtml.cli.common import ENDPOINTS_FILE, CliError, err, load_settings, quiet_logging, run
 from rtml.core import embedded
 from rtml.core.kafka import create_topics
 from rtml.core.settings import SERVICES, ServiceName, Settings
@@ -95,6 +95,7 @@ class Platform:
         self.services: list[Child] = []
         self.simulators: list[Child] = []
         self.env: dict[str, str] = dict(os.environ)
+        self.endpoints_file = log_dir.parent / ENDPOINTS_FILE.name
 
     # -- start ------------------------------------------------------------------------------------------
     def start_infra(self) -> None:
@@ -117,6 +118,17 @@ class Platform:
                 "redis": s.redis.model_copy(update={"url": redis_url}),
             }
         )
+
+    def write_endpoints(self) -> None:
+        """Tell client commands started from the same directory (``rtml bench``, ``simulate``, ``train``,
+        ``models``) where this platform is; see ``rtml.cli.common.load_client_settings``."""
+        s = self.settings
+        values = {"RTML_KAFKA_BOOTSTRAP": s.kafka.bootstrap, "RTML_REDIS_URL": s.redis.url,
+                  "RTML_TOPIC_PREFIX": s.topic_prefix, "RTML_REDIS_KEY_PREFIX": s.redis.key_prefix,
+                  "RTML_HOST": s.host, **{f"RTML_{n.upper()}_PORT": str(s.port_of(n)) for n in SERVICES}}  # fmt: skip
+        text = "".join(f"{k}={v}\n" for k, v in values.items() if v is not None)
+        with contextlib.suppress(OSError):
+            self.endpoints_file.write_text("# written by rtml up while it runs\n" + text)
 
     def prepare(self) -> None:
         with err.status("creating topics, checking the demo model…"):
@@ -209,6 +221,8 @@ class Platform:
                         m.proc.send_signal(signal.SIGTERM)
             for m in reversed(self.infra):
                 m.stop(timeout_s=INFRA_STOP_S)
+            with contextlib.suppress(OSError):
+                self.endpoints_file.unlink(missing_ok=True)
         err.print("stopped")
 
 
@@ -258,6 +272,7 @@ def up(
         if not stop.is_set():
             platform.start_services()
             if platform.wait_ready():
+                platform.write_endpoints()
                 platform.announce()
                 if demo:
                     platform.start_simulators()
