@@ -65,3 +65,40 @@ async def test_run_clickstream_sends_at_the_rate_for_the_duration() -> None:
 def test_world_rejects_empty() -> None:
     with pytest.raises(ValueError):
         World(0, 5)
+
+
+def test_purchases_carry_amounts_and_fraudsters_buy_in_charged_back_bursts() -> None:
+    w = World(300, 40, seed=3)
+    fraudsters = {w.user_id(u) for u in range(w.users) if w.fraudster(u)}
+    assert 0 < len(fraudsters) < 0.1 * w.users
+    stream = Clickstream(w)
+    events = [stream.next_event(t * 100) for t in range(40_000)]  # 10 events/s for ~67 minutes
+    again = Clickstream(World(300, 40, seed=3))
+    assert events == [again.next_event(t * 100) for t in range(40_000)]  # seeded
+    for e in events[:2_000]:
+        EventIn.model_validate(e)
+    purchases = [e for e in events if e["type"] == "purchase"]
+    assert all(e["properties"]["amount"] > 0 for e in purchases)
+    fraud = [e for e in purchases if e["user_id"] in fraudsters]
+    honest = [e for e in purchases if e["user_id"] not in fraudsters]
+    assert len(fraud) >= 30 and len(honest) >= 100
+    median = lambda es: sorted(e["properties"]["amount"] for e in es)[len(es) // 2]  # noqa: E731
+    assert median(fraud) > 3 * median(honest)
+    # a purchase follows within 5 minutes another one by the same user: mostly fraud
+    last: dict[str, int] = {}
+    quick: dict[bool, int] = {True: 0, False: 0}
+    for e in purchases:
+        if e["ts"] - last.get(e["user_id"], -(10**9)) <= 300_000:
+            quick[e["user_id"] in fraudsters] += 1
+        last[e["user_id"]] = e["ts"]
+    assert quick[True] / len(fraud) > 0.5 > 2 * quick[False] / len(honest)
+    # every fraudulent purchase is charged back a minute later (those due by the end), never an honest one
+    chargebacks = {e["properties"]["purchase_id"]: e for e in events if e["type"] == "chargeback"}
+    by_id = {e["event_id"]: e for e in purchases}
+    assert chargebacks and all(by_id[p]["user_id"] in fraudsters for p in chargebacks)
+    assert all(cb["ts"] == by_id[p]["ts"] + 60_000 for p, cb in chargebacks.items())
+    due = [e for e in fraud if e["ts"] + 60_000 <= events[-1]["ts"] - 1_000]
+    assert {e["event_id"] for e in due} <= set(chargebacks)
+    # events come out in time order: nothing scheduled leaks out early
+    assert all(a["ts"] <= b["ts"] for a, b in zip(events, events[1:], strict=False))
+    assert not [e for e in Clickstream(w, chargebacks=False).batch(20_000, 0) if e["type"] == "chargeback"]

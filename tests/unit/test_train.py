@@ -85,3 +85,52 @@ def test_non_onnx_bytes_are_refused() -> None:
         load_session(pickle.dumps({"a": 1}))
     with pytest.raises(InvalidInput):
         build_model("ctr", "1", b"not a model", {"features": ["a"]})
+
+
+FRAUD_FEATURES = ["user_spend_1h", "user_amount_max_24h", "user_purchases_5m", "user_purchases_1h"]
+
+
+def test_fraud_training_set_is_simulated_purchases() -> None:
+    ts = make_training_set(6_000, seed=5, model_name="fraud")
+    assert ts.features == FRAUD_FEATURES == list(CONFIG.models["fraud"].features)
+    assert ts.X.shape == (6_000, 4) and ts.X.dtype == np.float32 and not np.isnan(ts.X).any()
+    assert 0.05 < ts.y.mean() < 0.4  # both labels, fraud the minority
+    spend, amax, n5m, n1h = ts.X.T
+    # each row is read right after its purchase, so its own purchase is in every window
+    assert (n5m >= 1).all() and (n1h >= n5m).all() and (amax > 0).all() and (spend > 0).all()
+    # the simulator's pattern: fraudsters buy faster and for more
+    fraud, honest = ts.y == 1, ts.y == 0
+    assert n5m[fraud].mean() > 1.5 * n5m[honest].mean()
+    assert np.median(amax[fraud]) > 2 * np.median(amax[honest])
+    assert make_training_set(500, seed=5, model_name="fraud").X.tolist() == ts.X[:500].tolist()  # seeded
+
+
+def test_fraud_model_separates_bursts_of_high_amounts() -> None:
+    trained = train_model(CONFIG, "fraud", n_synthetic=8_000, seed=1)
+    md = trained.metadata
+    assert md["features"] == FRAUD_FEATURES and md["defaults"] == {"user_amount_max_24h": 0.0}
+    assert md["metrics"]["auc"] >= 0.85 and md["metrics"]["n_holdout"] == 1_600
+    assert 0.05 < md["metrics"]["positive_rate"] < 0.4
+    sess = load_session(trained.onnx_bytes)
+    rows = np.array(
+        [
+            [25.0, 25.0, 1, 1],  # one ordinary purchase
+            [400.0, 150.0, 4, 4],  # four purchases for 100+ within five minutes
+        ],
+        np.float32,
+    )
+    (probs,) = sess.run(["probabilities"], {"input": rows})
+    assert probs[0, 1] < 0.2 < 0.8 < probs[1, 1]
+    model = build_model("fraud", "1", trained.onnx_bytes, md)
+    low, high = model.predict(rows)
+    assert low < high
+
+
+def test_a_model_mixing_purchase_and_click_features_gets_generic_columns() -> None:
+    cfg = CONFIG.model_copy(
+        update={
+            "models": {"mix": CONFIG.models["ctr"].model_copy(update={"features": ("user_spend_1h", "user_clicks_5m")})}
+        }
+    )
+    ts = make_training_set(2_000, seed=1, config=cfg, model_name="mix")
+    assert ts.features == ["user_spend_1h", "user_clicks_5m"] and 0 < ts.y.mean() < 1

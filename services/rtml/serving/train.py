@@ -5,12 +5,20 @@ GradientBoostingClassifier is used rather than HistGradientBoosting because skl2
 the latter with current onnx ("Expected an int, got a boolean"); on 3 features both are equally good.
 Missing values are filled with the model's defaults (else 0.0) before training, exactly as serving
 fills them, so the model never sees a NaN it was not trained on.
+
+Synthetic data comes in two kinds. A model whose features all read a user's purchases (``fraud`` in the
+demo config) trains on purchase histories drawn by the simulator's own generator (``rtml.simulate.world``):
+one row per purchase, its features computed with the platform's window semantics as read right after that
+purchase was ingested, labelled 1 when the buyer is a fraudster (the purchases the simulator charges back).
+Any other model (``ctr``) gets generic per-aggregation columns with a logistic ground truth.
 """
 
 from __future__ import annotations
 
+import bisect
 import getpass
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +32,7 @@ from rtml.core.config import FeatureDef, PlatformConfig, load_config
 from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.timeutil import now_ms
 from rtml.core.values import as_float
+from rtml.simulate.world import FRAUD_SHARE, purchase_history
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "rtml.yaml"
 INPUT_NAME = "input"
@@ -64,10 +73,85 @@ def _synthetic_column(rng: np.random.Generator, f: FeatureDef, n: int) -> tuple[
     return values, 0.1 * np.log1p(np.nan_to_num(values))
 
 
+PURCHASE_AGGS = frozenset({"count", "sum", "mean", "min", "max", "last"})
+DAY_MS = 86_400_000
+
+
+def is_purchase_feature(config: PlatformConfig, f: FeatureDef) -> bool:
+    """Whether ``f`` is a per-user aggregate over purchases only (so a purchase history determines it)."""
+    if config.entities[f.entity].key_fields != ("user_id",) or f.agg not in PURCHASE_AGGS:
+        return False
+    if f.agg != "count" and f.field != "properties.amount":
+        return False
+    if f.events is None:  # every event type: in the simulated world only purchases carry an amount
+        return f.agg != "count"
+    return set(f.events) == {"purchase"}
+
+
+def _window_start(f: FeatureDef, t: int) -> int | None:
+    """The smallest ``ts`` a read at ``t`` includes (None: lifetime), per the contract's tile semantics."""
+    if f.lifetime:
+        return None
+    g = f.tile_ms
+    return (t // g - f.window_ms // g + 1) * g
+
+
+def _purchase_value(f: FeatureDef, amounts: list[float]) -> float:
+    if f.agg == "count":
+        return float(len(amounts))
+    if f.agg == "sum":
+        return float(sum(amounts))
+    if not amounts:
+        return math.nan
+    if f.agg == "mean":
+        return sum(amounts) / len(amounts)
+    if f.agg == "min":
+        return min(amounts)
+    if f.agg == "max":
+        return max(amounts)
+    return amounts[-1]  # last
+
+
+def make_purchase_training_set(
+    n: int, seed: int, config: PlatformConfig, features: Sequence[str], defaults: dict[str, float]
+) -> TrainingSet:
+    """``n`` purchases of simulated users (a ``FRAUD_SHARE`` of them fraudsters), label 1 = fraudulent.
+
+    Each user's history is drawn by ``rtml.simulate.world.purchase_history`` over a warm-up as long as the
+    longest window plus one observed day; only the observed day's purchases become rows, so every window
+    is full. A row holds the features as read right after its purchase (which they therefore include).
+    """
+    defs = [config.features[name] for name in features]
+    warmup = min(max((f.window_ms for f in defs), default=0) or DAY_MS, 7 * DAY_MS)
+    rng = random.Random(seed)  # noqa: S311 - simulation only
+    rows: list[list[float]] = []
+    labels: list[int] = []
+    while len(rows) < n:
+        fraud = rng.random() < FRAUD_SHARE
+        history = purchase_history(rng, fraud, warmup + DAY_MS)
+        times = [t for t, _ in history]
+        amounts = [a for _, a in history]
+        for j in range(bisect.bisect_left(times, warmup), len(history)):
+            t = times[j]
+            row = []
+            for name, f in zip(features, defs, strict=True):
+                start = _window_start(f, t)
+                lo = 0 if start is None else bisect.bisect_left(times, start)
+                v = _purchase_value(f, amounts[lo : j + 1])
+                row.append(defaults.get(name, 0.0) if math.isnan(v) else v)
+            rows.append(row)
+            labels.append(int(fraud))
+            if len(rows) == n:
+                break
+    return TrainingSet(np.asarray(rows, np.float32).reshape(n, len(features)), np.asarray(labels, np.int64),
+                       list(features))  # fmt: skip
+
+
 def make_training_set(
     n: int, seed: int = 0, config: PlatformConfig | None = None, model_name: str = "ctr"
 ) -> TrainingSet:
-    """Synthetic clickstream-like rows for ``model_name`` with a logistic ground truth.
+    """Synthetic rows for ``model_name``: simulated purchases when every feature is a purchase feature
+    (``make_purchase_training_set``), else clickstream-like columns with a logistic ground truth.
 
     More recent clicks and a higher item CTR mean more clicks. ``config`` defaults to the bundled demo config.
     """
@@ -76,6 +160,8 @@ def make_training_set(
         raise NotFound(f"unknown model {model_name!r}")
     features = list(config.models[model_name].features)
     defaults = model_defaults(config, model_name)
+    if all(is_purchase_feature(config, config.features[name]) for name in features):
+        return make_purchase_training_set(n, seed, config, features, defaults)
     rng = np.random.default_rng(seed)
     cols = []
     logit = np.full(n, -2.2)
