@@ -6,7 +6,8 @@ item's appeal and the user's activity, so the demo features (recent clicks, item
 Purchases follow a second ground truth, for the ``fraud`` model: a small share of users are fraudsters
 (``World.fraudster``). A purchase starts a shopping session (``shopping_session``): an honest user mostly
 buys once, for a modest amount (now and then a big one); a fraudster buys in bursts seconds apart, mostly
-of high amounts (sometimes a card test of small ones). Every fraudulent purchase is charged back later (a ``chargeback`` event).
+of high amounts (sometimes a card test of small ones). Every fraudulent purchase is charged back later
+(a ``chargeback`` event).
 ``rtml train --model fraud`` learns from sessions drawn by the same functions (``serving/train.py``).
 """
 
