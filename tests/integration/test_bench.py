@@ -1,4 +1,7 @@
-"""The in-process benchmarks (read cost, memory) against the session redis-server: structure and sanity.
+"""The benchmarks against the session broker and redis-server: structure and sanity.
+
+read and memory run in-process; predict and recommend drive a serving app under uvicorn and the baseline
+shipped in ``benchmarks/`` (started by the bench as a subprocess).
 
 Speed is never asserted (project rule): only that the figures exist, are positive and that a one-entity
 read is one Redis round trip.
@@ -6,11 +9,25 @@ read is one Redis round trip.
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
+import typer
+import uvicorn
+from typer.testing import CliRunner
 
 from rtml.bench import BENCHES, arun_bench, bench_read
-from rtml.core.redis import connect
+from rtml.cli.bench import bench as bench_cmd
+from rtml.core.config import load_config
+from rtml.core.embedded import free_port
+from rtml.core.redis import Keys, connect
 from rtml.core.settings import Settings
+from rtml.serving.app import create_app
+from rtml.serving.registry import ModelRegistry
+from rtml.serving.train import DEMO_CONFIG, train_model
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +70,88 @@ async def test_bench_memory_reports_positive_sizes(settings: Settings) -> None:
 
 
 async def test_unknown_benchmark_is_a_clear_error(settings: Settings) -> None:
-    assert set(BENCHES) == {"ingest", "freshness", "read", "memory", "predict"}
+    assert set(BENCHES) == {"ingest", "freshness", "read", "memory", "predict", "recommend"}
     with pytest.raises(ValueError, match="unknown benchmark"):
         await arun_bench("nope", settings)
+
+
+# --- predict / recommend against a real serving app and the shipped baseline -------------------------------
+
+
+@pytest.fixture
+async def serving(settings: Settings) -> AsyncIterator[Settings]:
+    """A registered demo model and the serving app under uvicorn on a free loopback port."""
+    redis = connect(settings)
+    try:
+        t = train_model(load_config(DEMO_CONFIG), "ctr", n_synthetic=2_000, seed=0)
+        registry = ModelRegistry(redis, Keys(settings.redis.key_prefix))
+        await registry.promote("ctr", await registry.register("ctr", t.onnx_bytes, t.metadata))
+    finally:
+        await redis.aclose()
+    s = settings.model_copy(update={"serving_port": free_port()})
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(s), host=s.host, port=s.serving_port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(300):
+        if server.started:
+            break
+        await asyncio.sleep(0.05)
+    assert server.started
+    try:
+        yield s
+    finally:
+        server.should_exit = True
+        await task
+
+
+def _check_level(level: dict[str, Any], concurrency: int, rounds: int) -> None:
+    assert level["concurrency"] == concurrency and len(level["rounds"]) == rounds
+    for side in ("rtml", "baseline"):
+        m = level[side]
+        assert m["requests"] > 0 and m["errors"] == 0 and m["error_kinds"] == {}, m
+        assert m["req_per_s"] > 0 and 0 < m["p50_ms"] <= m["p90_ms"] <= m["p99_ms"] <= m["max_ms"], m
+    ratios = level["ratio_to_baseline"]
+    assert set(ratios) == {"req_per_s", "p50_ms", "p99_ms"}
+    assert all(isinstance(v, float) and v > 0 for v in ratios.values()), ratios
+
+
+async def test_bench_recommend_against_the_baseline(serving: Settings) -> None:
+    out = await arun_bench(
+        "recommend", serving, duration_s=0.8, concurrency=(1, 4), rounds=2, users=20, items=30, client="raw"
+    )
+    assert out["bench"] == "recommend" and out["client"] == "asyncio-raw"
+    assert out["params"]["candidates"] == 100 and out["params"]["items"] == 100  # items grow to the candidates
+    assert out["params"]["model"] == "ctr" and out["params"]["model_features"] == 3
+    assert out["baseline"]["app"] == "benchmarks/baseline_app.py"
+    assert [lv["concurrency"] for lv in out["levels"]] == [1, 4]
+    for level, c in zip(out["levels"], (1, 4), strict=True):
+        _check_level(level, c, rounds=2)
+    assert set(out["targets"]) == {"c1_p99_ms", "c1_req_per_s_vs_baseline", "c16_req_per_s_vs_baseline"}
+    assert isinstance(out["targets"]["c1_p99_ms"]["meets"], bool)
+    assert out["targets"]["c16_req_per_s_vs_baseline"]["meets"] is None  # c=16 not measured
+    assert await _keys_with(serving, "bench-") == []  # the baseline's seeded hashes are gone
+
+
+async def test_bench_predict_against_the_baseline(serving: Settings) -> None:
+    out = await arun_bench("predict", serving, duration_s=0.4, concurrency=(2,), rounds=1, users=10, items=10)
+    assert out["bench"] == "predict"
+    assert out["client"] == ("wrk" if shutil.which("wrk") else "asyncio-raw")
+    _check_level(out["levels"][0], 2, rounds=1)
+    assert {"c1_p50_ms", "c1_p99_ms", "c16_req_per_s", "c16_p99_ms"} <= set(out["targets"])
+    assert await _keys_with(serving, "bench-") == []
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not on PATH (Debian package wrk)")
+async def test_bench_predict_with_wrk(serving: Settings) -> None:
+    out = await arun_bench("predict", serving, duration_s=1, concurrency=(1,), rounds=1, client="wrk")
+    assert out["client"] == "wrk"
+    _check_level(out["levels"][0], 1, rounds=1)
+
+
+def test_cli_rejects_client_for_other_benches() -> None:
+    cli = typer.Typer()
+    cli.command()(bench_cmd)
+    result = CliRunner().invoke(cli, ["read", "--client", "raw"])
+    assert result.exit_code != 0
+    assert "--client applies to predict, recommend, not read" in f"{result.exception} {result.output}"

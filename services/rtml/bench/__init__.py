@@ -9,6 +9,7 @@ from rtml.bench.ingest import bench_ingest
 from rtml.bench.memory import bench_memory
 from rtml.bench.predict import bench_predict
 from rtml.bench.read import bench_read
+from rtml.bench.recommend import bench_recommend
 from rtml.bench.runner import BENCHES, arun_bench, run_bench
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "bench_memory",
     "bench_predict",
     "bench_read",
+    "bench_recommend",
     "run_bench",
 ]

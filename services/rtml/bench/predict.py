@@ -1,9 +1,14 @@
-"""Serving latency and throughput: ``POST /v1/predict`` at fixed concurrency, ``GET /healthz`` as baseline.
+"""Serving latency and throughput at fixed concurrency, against a baseline app measured in the same run.
 
-The baseline runs through the same client and concurrency, so the ratio predict/healthz separates what
-serving does (feature read, ONNX, prediction log) from HTTP and load-generator overhead. The default client
-is the minimal keep-alive one (``rawhttp``): on 2 cores httpx's ~1 ms of client CPU per request would be the
-bottleneck being measured. Client CPU per request is reported either way.
+``bench predict`` drives ``POST /v1/predict`` and ``bench recommend`` ``POST /v1/recommend`` (100 candidates
+by default) at each concurrency (1 and 16 by default). The baseline is ``benchmarks/baseline_app.py``: a plain
+FastAPI endpoint doing a redis-py ``HGETALL`` (one pipeline of N for recommend) and scikit-learn
+``predict_proba``, started as a subprocess. Rounds are interleaved (rtml, baseline, rtml, baseline, ...) and
+the medians over rounds are reported, with the ratios rtml / baseline.
+
+The client is ``wrk`` when it is on PATH, else the minimal keep-alive asyncio client (``rawhttp``): on 2
+cores httpx's ~1 ms of client CPU per request would be the bottleneck being measured. ``client`` in the JSON
+says which one ran.
 """
 
 from __future__ import annotations
@@ -13,44 +18,55 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 import orjson
 
-from rtml.bench.common import JSON_HEADERS, BenchError, auth_headers, machine, run_id
+from rtml.bench.baseline import running_baseline
+from rtml.bench.common import JSON_HEADERS, BenchError, auth_headers, machine, run_id, target
 from rtml.bench.rawhttp import RawConnection, build_request
-from rtml.bench.stats import latency_summary, ratio
+from rtml.bench.stats import latency_summary, median, ratio
+from rtml.bench.wrk import run_wrk, wrk_path
+from rtml.core.config import load_config
 from rtml.core.settings import Settings
 
-WARMUP_S = 0.3
-Client = Literal["raw", "httpx"]
+WARMUP_S = 0.2
+MIN_PHASE_S = 0.2
+Client = Literal["auto", "wrk", "raw", "httpx"]
+Kind = Literal["predict", "recommend"]
 Send = Callable[[int], Awaitable[int]]  # request number -> HTTP status
+CLIENT_NAMES = {"wrk": "wrk", "raw": "asyncio-raw", "httpx": "httpx"}
+SUMMARY_KEYS = ("req_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+
+
+@dataclass
+class Endpoint:
+    """One POST endpoint and the bodies sent to it in turn."""
+
+    host: str
+    port: int
+    path: str
+    bodies: Sequence[bytes]
+    headers: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.path}"
 
 
 class _Target:
-    """One endpoint driven by either client: ``sender()`` yields a per-worker send function."""
+    """One endpoint driven by the raw or httpx client: ``sender()`` yields a per-worker send function."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        client: Client,
-        method: str,
-        path: str,
-        bodies: Sequence[bytes],
-        headers: dict[str, str],
-        shared: httpx.AsyncClient,
-    ) -> None:
-        self.host, self.port = settings.host, settings.serving_port
-        self.client, self.method, self.path = client, method, path
-        self.url = f"http://{self.host}:{self.port}{path}"
-        self.bodies, self.headers, self.shared = bodies, headers, shared
-        self.raw = [build_request(method, self.host, self.port, path, b, headers) for b in bodies]
+    def __init__(self, ep: Endpoint, client: Client, shared: httpx.AsyncClient) -> None:
+        self.ep, self.client, self.shared = ep, client, shared
+        self.raw = [build_request("POST", ep.host, ep.port, ep.path, b, ep.headers) for b in ep.bodies]
 
     @contextlib.asynccontextmanager
     async def sender(self) -> AsyncIterator[Send]:
         if self.client == "raw":
-            async with RawConnection(self.host, self.port) as conn:
+            async with RawConnection(self.ep.host, self.ep.port) as conn:
 
                 async def send_raw(i: int) -> int:
                     return (await conn.request(self.raw[i % len(self.raw)]))[0]
@@ -59,11 +75,8 @@ class _Target:
             return
 
         async def send_httpx(i: int) -> int:
-            if self.method == "POST":
-                r = await self.shared.post(self.url, content=self.bodies[i % len(self.bodies)], headers=self.headers)
-            else:
-                r = await self.shared.get(self.url, headers=self.headers)
-            return r.status_code
+            body = self.ep.bodies[i % len(self.ep.bodies)]
+            return (await self.shared.post(self.ep.url, content=body, headers=self.ep.headers)).status_code
 
         yield send_httpx
 
@@ -101,76 +114,180 @@ async def _drive(target: _Target, *, concurrency: int, duration_s: float) -> dic
     elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu0
     ok = statuses.get(200, 0)
+    summary = latency_summary(latencies)
     return {
         "requests": len(latencies),
-        "errors": {str(k): v for k, v in statuses.items() if k != 200},
+        "errors": len(latencies) - ok,
+        "error_kinds": {str(k): v for k, v in statuses.items() if k != 200},
         "req_per_s": round(ok / elapsed, 1),
-        **latency_summary(latencies),
+        **{k: summary[k] for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms")},
         "client_cpu_us_per_req": round(cpu / max(1, len(latencies)) * 1e6, 1),
     }
 
 
-async def bench_predict(
+async def _measure(
+    ep: Endpoint, client: Client, shared: httpx.AsyncClient, *, concurrency: int, duration_s: float
+) -> dict[str, Any]:
+    if client == "wrk":
+        return await run_wrk(
+            ep.url, method="POST", bodies=ep.bodies, headers=ep.headers, concurrency=concurrency, duration_s=duration_s
+        )
+    return await _drive(_Target(ep, client, shared), concurrency=concurrency, duration_s=duration_s)
+
+
+def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: median(r[k] for r in rounds) for k in SUMMARY_KEYS}
+    out["requests"] = sum(r["requests"] for r in rounds)
+    out["errors"] = sum(r["errors"] for r in rounds)
+    kinds: Counter[str] = Counter()
+    for r in rounds:
+        kinds.update(r["error_kinds"])
+    out["error_kinds"] = dict(kinds)
+    return out
+
+
+def resolve_client(client: Client) -> Literal["wrk", "raw", "httpx"]:
+    if client not in ("auto", "wrk", "raw", "httpx"):
+        raise ValueError(f"client must be auto, wrk, raw or httpx, not {client!r}")
+    if client == "auto":
+        return "wrk" if wrk_path() else "raw"
+    if client == "wrk" and not wrk_path():
+        raise BenchError("--client wrk: wrk is not on PATH (Debian: apt-get install wrk)")
+    return client
+
+
+def _model_features(settings: Settings, model: str | None) -> int:
+    """How many inputs rtml's model has (the baseline model gets as many); 3 when the config cannot say."""
+    with contextlib.suppress(Exception):
+        models = load_config(settings.platform_config_path()).models
+        return len(models[model].features) if model in models else len(next(iter(models.values())).features)
+    return 3
+
+
+def _targets(kind: Kind, levels: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    def get(c: int, side: str, key: str) -> float | None:
+        level = levels.get(c)
+        return None if level is None else level[side].get(key) if side != "ratio" else level["ratio_to_baseline"][key]
+
+    out: dict[str, Any] = {}
+    if kind == "predict":
+        out["c1_p50_ms"] = target(get(1, "rtml", "p50_ms"), 0.5)
+        out["c1_p99_ms"] = target(get(1, "rtml", "p99_ms"), 1.5)
+        out["c16_req_per_s"] = target(get(16, "rtml", "req_per_s"), 3500, at_most=False)
+        out["c16_p99_ms"] = target(get(16, "rtml", "p99_ms"), 8)
+    else:
+        out["c1_p99_ms"] = target(get(1, "rtml", "p99_ms"), 5)
+    out["c1_req_per_s_vs_baseline"] = target(get(1, "ratio", "req_per_s"), 3.5, at_most=False)
+    out["c16_req_per_s_vs_baseline"] = target(get(16, "ratio", "req_per_s"), 15, at_most=False)
+    return out
+
+
+async def bench_serving(
+    kind: Kind,
     settings: Settings,
     *,
-    duration_s: float = 10,
+    duration_s: float = 8,
     concurrency: Sequence[int] = (1, 16),
+    rounds: int = 3,
     model: str | None = None,
     users: int = 1000,
     items: int = 100,
-    client: Client = "raw",
+    candidates: int = 100,
+    k: int = 10,
+    client: Client = "auto",
 ) -> dict[str, Any]:
-    """req/s and p50/p99/max of predict at each concurrency; ``duration_s`` is split over all phases."""
-    if client not in ("raw", "httpx"):
-        raise ValueError(f"client must be raw or httpx, not {client!r}")
+    """Interleaved rounds of rtml and the baseline at each concurrency; ``duration_s`` is split over all phases."""
+    used = resolve_client(client)
+    concurrency = tuple(concurrency)
+    if not concurrency or rounds < 1:
+        raise ValueError("need at least one concurrency level and one round")
     rid = run_id()
     hdrs = {**JSON_HEADERS, **auth_headers(settings, "predict")}
-    bodies = []
+    if kind == "recommend":
+        items = max(items, candidates)
+    item_ids = [f"t{j}" for j in range(items)]
+    rtml_bodies: list[bytes] = []
+    base_bodies: list[bytes] = []
     for i in range(max(users, items)):
-        req: dict[str, Any] = {"entities": {"user_id": f"u{i % users}", "item_id": f"t{i % items}"}}
+        user, item = f"u{i % users}", item_ids[i % items]
+        if kind == "predict":
+            req: dict[str, Any] = {"entities": {"user_id": user, "item_id": item}}
+            base: dict[str, Any] = {"user_id": user, "item_id": item}
+        else:
+            cands = [item_ids[(i + j) % items] for j in range(candidates)]
+            req = {"user_id": user, "candidates": cands, "k": k}
+            base = {"user_id": user, "candidates": cands, "k": k}
         if model:
             req["model"] = model
-        bodies.append(orjson.dumps(req))
-    phase_s = max(1.0, duration_s / (2 * max(1, len(concurrency))))
-    levels: list[dict[str, Any]] = []
+        rtml_bodies.append(orjson.dumps(req))
+        base_bodies.append(orjson.dumps(base))
+    path = f"/v1/{kind}"
+    rtml_ep = Endpoint(settings.host, settings.serving_port, path, rtml_bodies, hdrs)
+    phase_s = max(MIN_PHASE_S, duration_s / (2 * rounds * len(concurrency)))
+    prefix = f"{settings.redis.key_prefix}bench-{rid}:base:"
+    seeded = [f"u{i}" for i in range(users)] + item_ids
     limits = httpx.Limits(max_connections=max(concurrency) + 2)
     async with httpx.AsyncClient(timeout=30.0, limits=limits) as shared:
-        url = f"http://{settings.host}:{settings.serving_port}/v1/predict"
-        first = await shared.post(url, content=bodies[0], headers=hdrs)
+        first = await shared.post(rtml_ep.url, content=rtml_bodies[0], headers=hdrs)
         if first.status_code != 200:
-            raise BenchError(f"POST {url} answered {first.status_code}: {first.text[:200]}")
+            raise BenchError(f"POST {rtml_ep.url} answered {first.status_code}: {first.text[:200]}")
         answer = orjson.loads(first.content)
-        predict = _Target(settings, client, "POST", "/v1/predict", bodies, hdrs, shared)
-        healthz = _Target(settings, client, "GET", "/healthz", [b""], {}, shared)
-        for c in concurrency:
-            health = await _drive(healthz, concurrency=c, duration_s=phase_s)
-            pred = await _drive(predict, concurrency=c, duration_s=phase_s)
-            if pred["errors"]:
-                raise BenchError(f"predict answered errors at concurrency {c}: {pred['errors']}")
-            levels.append(
-                {
+        n_features = _model_features(settings, answer.get("model") or model)
+        async with running_baseline(settings, prefix, seeded, n_features) as baseline:
+            base_ep = Endpoint(baseline.host, baseline.port, f"/{kind}", base_bodies, JSON_HEADERS)
+            check = await shared.post(base_ep.url, content=base_bodies[0], headers=JSON_HEADERS)
+            if check.status_code != 200:
+                raise BenchError(f"the baseline answered {check.status_code}: {check.text[:200]}")
+            levels: dict[int, dict[str, Any]] = {}
+            for c in concurrency:
+                per_round: list[dict[str, Any]] = []
+                for _ in range(rounds):
+                    ours = await _measure(rtml_ep, used, shared, concurrency=c, duration_s=phase_s)
+                    theirs = await _measure(base_ep, used, shared, concurrency=c, duration_s=phase_s)
+                    per_round.append({"rtml": ours, "baseline": theirs})
+                mine = _medians([r["rtml"] for r in per_round])
+                base_m = _medians([r["baseline"] for r in per_round])
+                levels[c] = {
                     "concurrency": c,
-                    "predict": pred,
-                    "baseline_healthz": health,
-                    "ratio_to_healthz": {
-                        "p50": ratio(pred["p50_ms"], health["p50_ms"]),
-                        "p99": ratio(pred["p99_ms"], health["p99_ms"]),
-                        "req_per_s": ratio(pred["req_per_s"], health["req_per_s"]),
+                    "rtml": mine,
+                    "baseline": base_m,
+                    "ratio_to_baseline": {
+                        "req_per_s": ratio(mine["req_per_s"], base_m["req_per_s"]),
+                        "p50_ms": ratio(mine["p50_ms"], base_m["p50_ms"]),
+                        "p99_ms": ratio(mine["p99_ms"], base_m["p99_ms"]),
                     },
+                    "rounds": per_round,
                 }
-            )
+    params: dict[str, Any] = {
+        "duration_s": duration_s,
+        "phase_s": round(phase_s, 3),
+        "rounds": rounds,
+        "concurrency": list(concurrency),
+        "model": answer.get("model"),
+        "version": answer.get("version"),
+        "model_features": n_features,
+        "users": users,
+        "items": items,
+    }
+    if kind == "recommend":
+        params.update(candidates=candidates, k=k)
     return {
-        "bench": "predict",
+        "bench": kind,
         "run_id": rid,
         "machine": machine(),
-        "params": {
-            "duration_s": duration_s,
-            "phase_s": phase_s,
-            "concurrency": list(concurrency),
-            "model": answer.get("model"),
-            "version": answer.get("version"),
-            "client": client,
+        "client": CLIENT_NAMES[used],
+        "params": params,
+        "baseline": {
+            "app": "benchmarks/baseline_app.py",
+            "what": "FastAPI + redis-py asyncio HGETALL"
+            + (" (one pipeline of N)" if kind == "recommend" else "")
+            + " + sklearn GradientBoostingClassifier.predict_proba",
         },
-        "levels": levels,
-        "targets": {},  # no numeric target in the issue: reported for tracking, compared with /healthz
+        "levels": list(levels.values()),
+        "targets": _targets(kind, levels),
     }
+
+
+async def bench_predict(settings: Settings, **opts: Any) -> dict[str, Any]:
+    """``POST /v1/predict`` vs the baseline: req/s, p50/p90/p99 and errors at each concurrency, medians."""
+    return await bench_serving("predict", settings, **opts)

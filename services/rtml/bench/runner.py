@@ -11,6 +11,7 @@ from rtml.bench.ingest import bench_ingest
 from rtml.bench.memory import bench_memory
 from rtml.bench.predict import bench_predict
 from rtml.bench.read import bench_read
+from rtml.bench.recommend import bench_recommend
 from rtml.core.settings import Settings
 
 BENCHES: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
@@ -19,6 +20,7 @@ BENCHES: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "read": bench_read,
     "memory": bench_memory,
     "predict": bench_predict,
+    "recommend": bench_recommend,
 }
 
 

@@ -14,24 +14,41 @@ from redis.exceptions import RedisError
 from rtml.cli.common import CliError, err, load_client_settings, quiet_logging
 
 
+class LoadClient(StrEnum):
+    auto = "auto"
+    wrk = "wrk"
+    raw = "raw"
+
+
 class Kind(StrEnum):
     ingest = "ingest"
     freshness = "freshness"
     predict = "predict"
+    recommend = "recommend"
     read = "read"
     memory = "memory"
 
 
+SERVING = (Kind.predict, Kind.recommend)
+
+
 def bench(
-    kind: Kind = typer.Argument(..., help="ingest, freshness, predict (drive the running stack), read, memory (Redis)"),  # noqa: B008
+    kind: Kind = typer.Argument(  # noqa: B008
+        ..., help="ingest, freshness, predict, recommend (drive the running stack), read, memory (Redis)"
+    ),
     duration: float | None = typer.Option(
-        None, min=0.5, help="total seconds, split over runs (ingest, freshness, predict)"
+        None, min=0.5, help="total seconds, split over runs (ingest, freshness, predict, recommend)"
     ),
     rate: int | None = typer.Option(None, min=1, help="events/s: paced sending (ingest), background load (freshness)"),
     concurrency: list[int] | None = typer.Option(  # noqa: B008
-        None, min=1, help="requests in flight (ingest: one value; predict: repeat the option for several)"
+        None, min=1, help="requests in flight (ingest: one value; predict, recommend: repeat the option for several)"
     ),
-    repeats: int | None = typer.Option(None, min=1, help="runs whose median is reported (ingest, read)"),
+    repeats: int | None = typer.Option(
+        None, min=1, help="runs whose median is reported (ingest, read; predict, recommend: interleaved rounds)"
+    ),
+    client: LoadClient = typer.Option(  # noqa: B008
+        LoadClient.auto, help="predict, recommend: wrk if on PATH (auto), or the built-in asyncio client (raw)"
+    ),
     out: Path | None = typer.Option(None, help="also write the JSON summary here"),  # noqa: B008
 ) -> None:
     """Measure against a running platform (rtml up) and print a JSON summary: medians and same-run baselines."""
@@ -41,17 +58,21 @@ def bench(
     quiet_logging()
     opts: dict[str, Any] = {}
     if duration is not None:
-        _only(kind, "--duration", Kind.ingest, Kind.freshness, Kind.predict)
+        _only(kind, "--duration", Kind.ingest, Kind.freshness, *SERVING)
         opts["duration_s"] = duration
     if rate is not None:
         _only(kind, "--rate", Kind.ingest, Kind.freshness)
         opts["rate"] = rate
     if concurrency:
-        _only(kind, "--concurrency", Kind.ingest, Kind.predict)
+        _only(kind, "--concurrency", Kind.ingest, *SERVING)
         opts["concurrency"] = concurrency[0] if kind is Kind.ingest else tuple(concurrency)
     if repeats is not None:
-        _only(kind, "--repeats", Kind.ingest, Kind.read)
-        opts["repeats"] = repeats
+        _only(kind, "--repeats", Kind.ingest, Kind.read, *SERVING)
+        opts["rounds" if kind in SERVING else "repeats"] = repeats
+    if client is not LoadClient.auto:
+        _only(kind, "--client", *SERVING)
+    if kind in SERVING:
+        opts["client"] = client.value
     try:
         with err.status(f"benchmarking {kind.value}…"):
             result = run_bench(kind.value, settings, **opts)
