@@ -1,7 +1,8 @@
-"""Serving API: predict, recommend, and the model registry (list, upload, promote)."""
+"""Serving API: predict, recommend, and the model registry (list, upload, promote, rollback)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from rtml.core.app import JSONBytes, require
+from rtml.core.auth import ApiKeys
 from rtml.core.errors import InvalidInput
 from rtml.core.kafka import Producer
 from rtml.serving.inference.live import LiveModels
@@ -129,8 +131,10 @@ async def upload_version(
           'http://127.0.0.1:8003/v1/models/ctr/versions?promote=true&metadata={"features":["a","b"]}'
 
     ``metadata`` (URL-encoded JSON) needs ``features`` (the ONNX input order) unless the model is in the
-    platform config, whose features and defaults are then used. 422 when onnxruntime cannot load the bytes
-    or the input does not match the features; pickles are never accepted.
+    platform config, whose features and defaults are then used; optional ``defaults`` (feature -> finite
+    number), ``task``, ``metrics`` (name -> finite number). 422 naming the field when the metadata does not
+    validate, when onnxruntime cannot load the bytes or the input does not match the features; 413 over the
+    size cap; pickles are never accepted. The server records ``created_at``, ``created_by`` and a sha256.
     """
     meta: dict[str, Any] = {}
     if metadata:
@@ -142,15 +146,26 @@ async def upload_version(
             raise InvalidInput("metadata must be a JSON object")
     body = await request.body()
     registry = _registry(request)
-    version = await registry.register(name, body, meta, request.app.state.config)
+    version = await registry.register(name, body, meta, request.app.state.config, _caller(request))
     if promote:
         await _promote(request, name, version)
     return JSONBytes({"model": name, "version": version, "live": promote}, status_code=201)
 
 
+def _caller(request: Request) -> str | None:
+    """Who uploads: the API key's fingerprint (never the key) when keys are on; else None (the metadata's
+    own ``created_by``, else "unknown")."""
+    keys: ApiKeys | None = getattr(request.app.state, "api_keys", None)
+    auth = request.headers.get("authorization") or ""
+    if keys is None or not keys.enabled or not auth.startswith("Bearer "):
+        return None
+    fingerprint = hashlib.sha256(auth[len("Bearer ") :].strip().encode()).hexdigest()[:12]
+    return f"api-key:{fingerprint}"
+
+
 async def _promote(request: Request, name: str, version: str) -> None:
     producer: Producer = request.app.state.producer
-    await _registry(request).promote(name, version, producer)
+    await _registry(request).promote(name, version, producer, by=_caller(request))
     live: LiveModels = request.app.state.live
     await live.refresh()  # this replica serves it now; the others within one poll interval
 
@@ -160,4 +175,14 @@ async def promote(request: Request, name: str, body: PromoteRequest) -> Any:
     """Make ``version`` live: every replica serves it within one poll interval (this one at once)."""
     version = str(body.version)
     await _promote(request, name, version)
+    return JSONBytes({"model": name, "version": version, "live": True})
+
+
+@router.post("/models/{name}/rollback", dependencies=[require("admin")])
+async def rollback(request: Request, name: str) -> Any:
+    """Make the previously live version live again (404 when there is none); announced like a promotion."""
+    producer: Producer = request.app.state.producer
+    version = await _registry(request).rollback(name, producer, by=_caller(request))
+    live: LiveModels = request.app.state.live
+    await live.refresh()
     return JSONBytes({"model": name, "version": version, "live": True})
