@@ -95,3 +95,29 @@ def test_bench_options_that_do_not_apply_are_usage_errors() -> None:
     assert one_line(result.stderr) == "rtml: --rate applies to ingest, freshness, not read"
     result = runner.invoke(app, ["bench", "nope"])
     assert result.exit_code == 2
+
+
+def test_models_group_lists_its_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert "models" in result.output
+    result = runner.invoke(app, ["models"])  # no subcommand: its help, exit 0
+    assert result.exit_code == 0
+    for cmd in ("list", "show", "promote", "rollback"):
+        assert cmd in result.output
+
+
+def test_models_usage_errors_are_one_line() -> None:
+    result = runner.invoke(app, ["models", "promote", "ctr"])
+    assert result.exit_code == 2
+    assert "Missing argument 'version'" in one_line(result.stderr)
+    result = runner.invoke(app, ["models", "nope"])
+    assert result.exit_code == 2
+    assert "nope" in one_line(result.stderr)
+
+
+def test_models_with_redis_unreachable_is_one_line(tmp_path: Path) -> None:
+    env = clean_env(RTML_KAFKA_BOOTSTRAP="127.0.0.1:1", RTML_REDIS_URL="redis://127.0.0.1:1/0")
+    for args in (["list"], ["show", "ctr"], ["rollback", "ctr"]):
+        result = run("models", *args, env=env, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert "127.0.0.1:1" in one_line(result.stderr)  # Redis is checked before the broker: no warning first

@@ -1,0 +1,196 @@
+"""``rtml models list|show|promote|rollback``: the model registry, straight from Redis.
+
+Like ``rtml train``, these talk to Redis through ``ModelRegistry`` (no serving process needed) and announce
+promotions and rollbacks on ``rtml.models``; serving replicas also poll the live pointer, so a promotion
+still takes effect when the broker cannot be reached (a warning says it was not announced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rtml.cli.common import CliError, load_client_settings, quiet_logging, run
+from rtml.core.config import load_config
+from rtml.core.errors import DependencyUnavailable, NotFound
+from rtml.core.kafka import Producer
+from rtml.core.redis import Keys, connect, ping
+from rtml.core.settings import Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="The model registry: list models, show versions, promote a version, roll back.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+JSON_OPTION = typer.Option(False, "--json", help="print JSON instead of a table")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _when(ms: int) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _metric(metrics: dict[str, Any], name: str) -> str:
+    v = metrics.get(name)
+    return f"{v:.4f}" if isinstance(v, int | float) and not isinstance(v, bool) else "-"
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=160)
+
+
+async def _with_registry(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    from rtml.serving.registry import ModelRegistry
+
+    redis = connect(settings)
+    try:
+        return await work(ModelRegistry(redis, Keys(settings.redis.key_prefix)))
+    finally:
+        await redis.aclose()
+
+
+async def _describe(settings: Settings) -> list[dict[str, Any]]:
+    config = load_config(settings.platform_config_path())
+
+    async def work(registry: Any) -> list[dict[str, Any]]:
+        models: list[dict[str, Any]] = await registry.describe(config.models)
+        return models
+
+    return await _with_registry(settings, work)
+
+
+async def _announcing(settings: Settings, work: Callable[[Any, Producer | None], Awaitable[T]]) -> T:
+    """Run ``work(registry, producer)`` once Redis answers; without a reachable broker, with no producer and
+    a warning (the pointer in Redis is what replicas follow; the topic only makes them react at once)."""
+
+    async def with_producer(registry: Any) -> T:
+        try:
+            await ping(registry.redis, timeout_s=settings.redis.socket_timeout_s)
+        except DependencyUnavailable as exc:
+            raise CliError(f"Redis at {settings.redis.url} does not answer: {exc.message}") from None
+        producer: Producer | None = None
+        started = Producer(settings)
+        try:
+            await started.start()
+            producer = started
+        except DependencyUnavailable as exc:
+            with contextlib.suppress(Exception):  # Producer.start leaves the aiokafka client open on failure
+                await started._producer.stop()
+            reason = exc.message.splitlines()[0] if exc.message else "no answer"
+            print(f"rtml: warning: not announced on {settings.topic_prefix}models ({reason}); "
+                  "serving replicas still pick it up by polling", file=sys.stderr)  # fmt: skip
+        try:
+            return await work(registry, producer)
+        finally:
+            if producer is not None:
+                await producer.stop()
+
+    return await _with_registry(settings, with_producer)
+
+
+@app.command("list")
+def list_models(as_json: bool = JSON_OPTION) -> None:
+    """Every model (the config's and the registry's), its live version and how many versions it has."""
+    settings = load_client_settings()
+    quiet_logging()
+    models = run(_describe(settings), settings)
+    if as_json:
+        print(orjson.dumps({"models": models}, option=orjson.OPT_INDENT_2).decode())
+        return
+    table = Table("model", "live", "versions", "latest", "live created", "live by", "auc")
+    for m in models:
+        versions = m["versions"]
+        live = next((v for v in versions if v["live"]), None)
+        table.add_row(
+            m["name"],
+            m["live_version"] or "-",
+            str(len(versions)),
+            versions[-1]["version"] if versions else "-",
+            _when(live["created_at"]) if live else "-",
+            (live["created_by"] or "unknown") if live else "-",
+            _metric(live["metrics"], "auc") if live else "-",
+        )
+    _out().print(table)
+
+
+@app.command("show")
+def show(name: str = typer.Argument(..., help="model name"), as_json: bool = JSON_OPTION) -> None:
+    """Every version of one model: created when and by whom, metrics, size, sha256, which one is live."""
+    settings = load_client_settings()
+    quiet_logging()
+    models = run(_describe(settings), settings)
+    found = next((m for m in models if m["name"] == name), None)
+    if found is None:
+        raise NotFound(f"no model {name!r} (see 'rtml models list')")
+    if as_json:
+        print(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+        return
+    table = Table("version", "live", "created", "by", "auc", "logloss", "size", "sha256", title=f"model {name}")
+    for v in found["versions"]:
+        table.add_row(
+            v["version"],
+            "*" if v["live"] else "",
+            _when(v["created_at"]),
+            v["created_by"] or "unknown",
+            _metric(v["metrics"], "auc"),
+            _metric(v["metrics"], "logloss"),
+            str(v["size"]),
+            (v["sha256"] or "")[:16],
+        )
+    out = _out()
+    out.print(table)
+    if not found["versions"]:
+        out.print(f"{name} has no versions yet: rtml train --model {name}")
+    elif found["history"]:
+        out.print(f"previously live (most recent first): {', '.join(found['history'])}")
+
+
+@app.command("promote")
+def promote(
+    name: str = typer.Argument(..., help="model name"),
+    version: str = typer.Argument(..., help="version to make live"),
+) -> None:
+    """Make VERSION of NAME live on every serving replica (announced on rtml.models)."""
+    settings = load_client_settings()
+    quiet_logging()
+
+    async def work(registry: Any, producer: Producer | None) -> None:
+        await registry.promote(name, version, producer, by=_user())
+
+    run(_announcing(settings, work), settings)
+    print(f"promoted {name} version {version} (live)")
+
+
+@app.command("rollback")
+def rollback(name: str = typer.Argument(..., help="model name")) -> None:
+    """Make the version that was live before the current one live again (announced on rtml.models)."""
+    settings = load_client_settings()
+    quiet_logging()
+
+    async def work(registry: Any, producer: Producer | None) -> str:
+        previous: str = await registry.rollback(name, producer, by=_user())
+        return previous
+
+    previous = run(_announcing(settings, work), settings)
+    print(f"rolled {name} back to version {previous} (live)")
