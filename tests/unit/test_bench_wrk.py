@@ -11,7 +11,7 @@ from rtml.bench.wrk import lua_script, parse_output
 def test_lua_script_quotes_bodies_and_headers() -> None:
     script = lua_script("POST", [b'{"a": "]]"}', b"{}"], {"content-type": "application/json"})
     assert "wrk.method = [[POST]]" in script
-    assert "wrk.headers[[[content-type]]] = [[application/json]]" in script
+    assert "wrk.headers[ [[content-type]] ] = [[application/json]]" in script
     assert '[=[{"a": "]]"}]=]' in script  # a body holding "]]" gets a longer bracket
     assert "request = function()" in script and "done = function(summary, latency, requests)" in script
 

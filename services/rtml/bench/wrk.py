@@ -46,7 +46,7 @@ def _lua_string(text: str) -> str:
 def lua_script(method: str, bodies: Sequence[bytes], headers: dict[str, str]) -> str:
     """A wrk script sending ``bodies`` in turn (one counter per wrk thread) and reporting JSON when done."""
     lines = [f"wrk.method = {_lua_string(method)}"]
-    lines += [f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items()]
+    lines += [f"wrk.headers[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in headers.items()]
     lines.append("local bodies = {" + ",\n".join(_lua_string(b.decode()) for b in bodies) + "}")
     lines.append(
         "local i = 0\n"
