@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -224,6 +225,8 @@ async def bench_serving(
     path = f"/v1/{kind}"
     rtml_ep = Endpoint(settings.host, settings.serving_port, path, rtml_bodies, hdrs)
     phase_s = max(MIN_PHASE_S, duration_s / (2 * rounds * len(concurrency)))
+    if used == "wrk":
+        phase_s = float(max(1, math.ceil(phase_s)))  # wrk runs whole seconds
     prefix = f"{settings.redis.key_prefix}bench-{rid}:base:"
     seeded = [f"u{i}" for i in range(users)] + item_ids
     limits = httpx.Limits(max_connections=max(concurrency) + 2)
