@@ -7,7 +7,6 @@ still takes effect when the broker cannot be reached (a warning says it was not 
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import sys
 from collections.abc import Awaitable, Callable
@@ -94,9 +93,7 @@ async def _announcing(settings: Settings, work: Callable[[Any, Producer | None],
         try:
             await started.start()
             producer = started
-        except DependencyUnavailable as exc:
-            with contextlib.suppress(Exception):  # Producer.start leaves the aiokafka client open on failure
-                await started._producer.stop()
+        except DependencyUnavailable as exc:  # Producer.start closed its client already
             reason = exc.message.splitlines()[0] if exc.message else "no answer"
             print(f"rtml: warning: not announced on {settings.topic_prefix}models ({reason}); "
                   "serving replicas still pick it up by polling", file=sys.stderr)  # fmt: skip

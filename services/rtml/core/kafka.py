@@ -109,10 +109,16 @@ class Producer:
         self._flushers: dict[tuple[str, int], asyncio.Task[None]] = {}
 
     async def start(self) -> None:
+        """Connect; ``DependencyUnavailable`` when the broker does not answer. A failed start closes the
+        aiokafka client (no leaked connection, no "Unclosed AIOKafkaProducer"): make a new Producer to retry."""
         try:
             await self._producer.start()
-        except KafkaError as exc:
-            raise DependencyUnavailable("kafka", f"cannot connect to Kafka: {exc}") from exc
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            if isinstance(exc, KafkaError):
+                raise DependencyUnavailable("kafka", f"cannot connect to Kafka: {exc}") from exc
+            raise
         self._started = True
 
     async def stop(self) -> None:
