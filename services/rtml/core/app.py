@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
@@ -87,24 +88,35 @@ class MetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length up front or while streaming a chunked body."""
+    """413 for bodies over the limit, by Content-Length up front or while streaming a chunked body.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``overrides`` maps path patterns (regular expressions matched against the whole path) to their own limit,
+    e.g. serving's model uploads, which may be as large as the registry accepts; the first match wins."""
+
+    def __init__(self, app: ASGIApp, limit: int, overrides: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.overrides = [(re.compile(pattern), size) for pattern, size in (overrides or {}).items()]
+
+    def limit_for(self, path: str) -> int:
+        for pattern, size in self.overrides:
+            if pattern.fullmatch(path):
+                return size
+        return self.limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope["path"]) if self.overrides else self.limit
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
-                    resp = error_response(PayloadTooLarge(f"request body is over {self.limit} bytes"))
+                    resp = error_response(PayloadTooLarge(f"request body is over {limit} bytes"))
                     await resp(scope, receive, send)
                     return
         seen = 0
@@ -114,15 +126,18 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise PayloadTooLarge(f"request body is over {self.limit} bytes")
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body is over {limit} bytes")
             return message
 
         await self.app(scope, limited_receive, send)
 
 
-def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> FastAPI:
-    """A service app: ``open_hook`` opens the service's resources and returns its readiness checks."""
+def build_app(
+    service: ServiceName, settings: Settings, open_hook: OpenHook, body_limits: Mapping[str, int] | None = None
+) -> FastAPI:
+    """A service app: ``open_hook`` opens the service's resources and returns its readiness checks.
+    ``body_limits``: path pattern -> body limit for the routes that take more than ``max_body_bytes``."""
     api_keys = ApiKeys.parse(settings.api_keys.get_secret_value() if settings.api_keys else None)
 
     @asynccontextmanager
@@ -193,7 +208,7 @@ def build_app(service: ServiceName, settings: Settings, open_hook: OpenHook) -> 
     async def metrics_endpoint() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, overrides=body_limits)
     app.add_middleware(MetricsMiddleware, service=service)
     return app
 

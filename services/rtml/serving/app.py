@@ -95,7 +95,10 @@ def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = build_app("serving", settings, _open)
+    from rtml.serving.registry import MAX_MODEL_BYTES
+
+    # model uploads (raw ONNX bytes) may be as large as the registry accepts, every other body keeps the limit
+    app = build_app("serving", settings, _open, body_limits={r"/v1/models/[^/]+/versions": MAX_MODEL_BYTES})
     app.include_router(router)
     app.add_middleware(
         AdmissionMiddleware,
