@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from rtml.core.config import load_config
-from rtml.core.errors import NotFound
+from rtml.core.errors import NotFound, PayloadTooLarge
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer, create_topics, decode_json
 from rtml.core.redis import Keys, connect
 from rtml.core.settings import Settings
@@ -100,8 +100,12 @@ async def test_upload_over_the_size_cap_is_413(settings: Settings, monkeypatch: 
         resp = await client.post("/v1/models/ctr/versions", content=t.onnx_bytes)
         assert resp.status_code == 413, resp.text
         assert error_of(resp)["code"] == "payload_too_large"
-        assert f"the limit is {len(t.onnx_bytes) - 1}" in error_of(resp)["message"]
-        monkeypatch.setattr(registry_module, "MAX_MODEL_BYTES", len(t.onnx_bytes))
+        assert str(len(t.onnx_bytes) - 1) in error_of(resp)["message"]
+    async with registry_of(settings) as registry:  # and the registry checks it too, whoever calls it
+        with pytest.raises(PayloadTooLarge, match=f"the limit is {len(t.onnx_bytes) - 1}"):
+            await registry.register("ctr", t.onnx_bytes, t.metadata)
+    monkeypatch.setattr(registry_module, "MAX_MODEL_BYTES", len(t.onnx_bytes))
+    async with running(create_app(settings)) as client:
         resp = await client.post("/v1/models/ctr/versions", content=t.onnx_bytes)
         assert resp.status_code == 201, resp.text  # exactly at the cap is fine
     async with registry_of(settings) as registry:
