@@ -117,3 +117,14 @@ def test_promote_without_a_broker_still_moves_the_pointer(settings: Settings) ->
 def test_invalid_model_name_is_one_line(settings: Settings) -> None:
     result = cli(settings, "rollback", "bad name!")
     assert result.exit_code == 1 and "invalid model name" in one_line(result.stderr)
+
+
+def test_train_if_none_live_covers_every_configured_model(settings: Settings) -> None:
+    register(settings, 1, promote="1")  # ctr is live already; fraud has no version
+    result = runner.invoke(app, ["train", "--if-none-live"], env=env_of(settings))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == ["model ctr: version 1 is live",
+                                          "trained and registered model fraud, version 1 (live)"]  # fmt: skip
+    again = runner.invoke(app, ["train", "--if-none-live"], env=env_of(settings))
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout.splitlines() == ["model ctr: version 1 is live", "model fraud: version 1 is live"]

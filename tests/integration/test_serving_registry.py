@@ -25,7 +25,7 @@ from rtml.serving.app import create_app
 from rtml.serving.registry import (
     ModelIntegrityError,
     ModelRegistry,
-    ensure_demo_model,
+    configured_live_versions,
     ensure_models,
     train_and_register,
 )
@@ -37,9 +37,9 @@ pytestmark = pytest.mark.integration
 FEATURES = ["user_clicks_5m", "item_ctr_1h", "user_items_24h"]
 
 
-async def test_ensure_demo_model_trains_once_and_train_adds_versions(settings: Settings) -> None:
-    assert await ensure_demo_model(settings) == "1"
-    assert await ensure_demo_model(settings) is None  # already live: nothing to do
+async def test_ensure_models_trains_once_and_train_adds_versions(settings: Settings) -> None:
+    assert await ensure_models(settings) == {"ctr": "1", "fraud": "1"}  # the demo config's models
+    assert await ensure_models(settings) == {}  # already live: nothing to do
     assert await train_and_register(settings, promote=False) == "2"
     redis = connect(settings)
     try:
@@ -269,4 +269,4 @@ async def test_ensure_models_covers_every_configured_model(make_settings: Any, t
         lock = f"{registry.keys.model('ctr')}:training"
         assert await registry.redis.get(lock) is None  # locks released
     assert await ensure_models(s) == {"second": "2"}  # only the one without a live version
-    assert await ensure_demo_model(s) is None
+    assert await configured_live_versions(s) == {"ctr": "1", "fraud": "1", "second": "2"}

@@ -121,3 +121,11 @@ def test_models_with_redis_unreachable_is_one_line(tmp_path: Path) -> None:
         result = run("models", *args, env=env, cwd=tmp_path)
         assert result.returncode == 1, result.stderr
         assert "127.0.0.1:1" in one_line(result.stderr)  # Redis is checked before the broker: no warning first
+
+
+def test_model_status_lines() -> None:
+    from rtml.cli.train import model_status
+
+    assert model_status("fraud", "1", "1") == "trained and registered model fraud, version 1 (live)"
+    assert model_status("ctr", None, "3") == "model ctr: version 3 is live"
+    assert model_status("ctr", None, None) == "model ctr: no live version yet (another process is training it)"

@@ -1,9 +1,10 @@
 """``rtml up``: the whole platform on one machine, in the foreground, stopped cleanly by Ctrl-C/SIGTERM.
 
-Order: infra (embedded broker and redis-server unless their variables are set) -> topics -> demo model if
-none is live -> the four services as separate processes, each waited for on ``/readyz`` -> (``--demo``) the
-simulators. Shutdown runs the other way round within 10 s: simulators (1 s), services (SIGTERM, SIGKILL after
-5 s), infra (SIGTERM, SIGKILL after 1.5 s). A service that dies is reported and ends ``up`` with exit 1.
+Order: infra (embedded broker and redis-server unless their variables are set) -> topics -> every configured
+model without a live version trained and promoted -> the four services as separate processes, each waited
+for on ``/readyz`` -> (``--demo``) the simulators. Shutdown runs the other way round within 10 s: simulators
+(1 s), services (SIGTERM, SIGKILL after 5 s), infra (SIGTERM, SIGKILL after 1.5 s). A service that dies is
+reported and ends ``up`` with exit 1.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import httpx
 import typer
 
 from rtml.cli.common import ENDPOINTS_FILE, CliError, err, load_settings, quiet_logging, run
+from rtml.cli.train import ensure_live_models
 from rtml.core import embedded
 from rtml.core.kafka import create_topics
 from rtml.core.settings import SERVICES, ServiceName, Settings
@@ -34,15 +36,14 @@ SERVICE_STOP_S = 5.0
 INFRA_STOP_S = 1.5
 
 
-async def _prepare(settings: Settings) -> str | None:
-    from rtml.serving.registry import ensure_demo_model
-
+async def _prepare(settings: Settings) -> list[str]:
     await create_topics(settings)
-    return await ensure_demo_model(settings)
+    return await ensure_live_models(settings)
 
 
-def prepare(settings: Settings) -> str | None:
-    """Create the topics and, when no ``ctr`` version is live, train and promote the demo model."""
+def prepare(settings: Settings) -> list[str]:
+    """Create the topics and train and promote every configured model (``ctr`` and ``fraud`` in the demo
+    config) that has no live version; one line per model. No announcement: the services start after this."""
     return run(_prepare(settings), settings)
 
 
@@ -131,10 +132,10 @@ class Platform:
             self.endpoints_file.write_text("# written by rtml up while it runs\n" + text)
 
     def prepare(self) -> None:
-        with err.status("creating topics, checking the demo model…"):
-            version = prepare(self.settings)
-        if version:
-            err.print(f"trained and registered the demo model ctr, version {version} (live)")
+        with err.status("creating topics, checking the models…"):
+            lines = prepare(self.settings)
+        for line in lines:
+            err.print(line)
 
     def start_services(self) -> None:
         parent = str(os.getpid())

@@ -382,7 +382,11 @@ async def ensure_models(settings: Settings, producer: Producer | None = None) ->
     return trained
 
 
-async def ensure_demo_model(settings: Settings, producer: Producer | None = None) -> str | None:
-    """Kept for callers of the single-model era: ``ensure_models``, returning the new ``ctr`` version (or
-    None when ``ctr`` was not trained; the other configured models are ensured all the same)."""
-    return (await ensure_models(settings, producer)).get(DEMO_MODEL)
+async def configured_live_versions(settings: Settings) -> dict[str, str | None]:
+    """The live version of every model of the platform config, in config order (None: none is live)."""
+    config = load_config(settings.platform_config_path())
+    redis = connect(settings)
+    try:
+        return await ModelRegistry(redis, Keys(settings.redis.key_prefix)).live_versions(config.models)
+    finally:
+        await redis.aclose()
