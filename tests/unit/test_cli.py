@@ -129,3 +129,14 @@ def test_model_status_lines() -> None:
     assert model_status("fraud", "1", "1") == "trained and registered model fraud, version 1 (live)"
     assert model_status("ctr", None, "3") == "model ctr: version 3 is live"
     assert model_status("ctr", None, None) == "model ctr: no live version yet (another process is training it)"
+
+
+def test_models_commands_find_rtml_up_through_its_endpoints_file(tmp_path: Path) -> None:
+    (tmp_path / ".rtml").mkdir()
+    (tmp_path / ".rtml" / "endpoints.env").write_text(
+        "RTML_KAFKA_BOOTSTRAP=127.0.0.1:2\nRTML_REDIS_URL=redis://127.0.0.1:2/0\n"
+    )
+    for args in (["list"], ["show", "ctr"], ["promote", "ctr", "1"], ["rollback", "ctr"]):
+        result = run("models", *args, env=clean_env(), cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert "redis://127.0.0.1:2/0" in one_line(result.stderr)  # the address rtml up wrote

@@ -64,6 +64,10 @@ async def _with_registry(settings: Settings, work: Callable[[Any], Awaitable[T]]
 
     redis = connect(settings)
     try:
+        try:  # one line naming the address rtml up (or the environment) gave, before any registry call
+            await ping(redis, timeout_s=settings.redis.socket_timeout_s)
+        except DependencyUnavailable as exc:
+            raise CliError(f"Redis at {settings.redis.url} does not answer: {exc.message}") from None
         return await work(ModelRegistry(redis, Keys(settings.redis.key_prefix)))
     finally:
         await redis.aclose()
@@ -84,10 +88,6 @@ async def _announcing(settings: Settings, work: Callable[[Any, Producer | None],
     a warning (the pointer in Redis is what replicas follow; the topic only makes them react at once)."""
 
     async def with_producer(registry: Any) -> T:
-        try:
-            await ping(registry.redis, timeout_s=settings.redis.socket_timeout_s)
-        except DependencyUnavailable as exc:
-            raise CliError(f"Redis at {settings.redis.url} does not answer: {exc.message}") from None
         producer: Producer | None = None
         started = Producer(settings)
         try:
