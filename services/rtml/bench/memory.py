@@ -78,8 +78,8 @@ async def bench_memory(
     config = mixed_config(features)
     keys = Keys(prefix)
     redis = connect(settings)
+    store = FeatureStore(redis, keys, config)
     try:
-        store = FeatureStore(redis, keys, config)
         used_before = await _used_memory(redis)
         now = now_ms()
         applied = late = 0
@@ -93,6 +93,7 @@ async def bench_memory(
         samples = [await _entity_usage(redis, keys, f"u{e}") for e in range(min(sample, entities))]
         await _delete_prefix(redis, prefix)
     finally:
+        await store.aclose()
         await redis.aclose()
 
     totals = [sum(k["bytes"] for k in s.values()) for s in samples]

@@ -54,8 +54,8 @@ async def bench_read(
     prefix = f"{settings.redis.key_prefix}bench-{rid}:"
     config = mixed_config(features)
     redis = connect(settings)
+    store = FeatureStore(redis, Keys(prefix), config)
     try:
-        store = FeatureStore(redis, Keys(prefix), config)
         await store.load_scripts()
         user = "u0"
         now = now_ms()
@@ -93,6 +93,7 @@ async def bench_read(
             cpu_ping.append((time.process_time() - cpu0) / per_block)
         await _delete_prefix(redis, prefix)
     finally:
+        await store.aclose()
         await redis.aclose()
 
     read = latency_summary(wall, "us")

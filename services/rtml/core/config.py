@@ -6,6 +6,7 @@ A bad file fails with one line naming the bad key (``features.user_clicks_5m.win
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,7 +146,7 @@ class PlatformConfig(BaseModel):
     def longest_window_ms(self) -> int:
         return max((f.window_ms for f in self.features.values()), default=0)
 
-    def entity_id(self, entity: str, values: dict[str, str]) -> str | None:
+    def entity_id(self, entity: str, values: Mapping[str, str]) -> str | None:
         """The id of ``entity`` for one event or request; None when a key field is missing."""
         parts = []
         for key in self.entities[entity].key_fields:

@@ -34,8 +34,8 @@ def make_store(settings: Settings, redis: rredis.Redis) -> FeatureStore:
 @contextlib.asynccontextmanager
 async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, ReadinessCheck]]:
     redis = rredis.connect(settings)
+    store = make_store(settings, redis)
     try:
-        store = make_store(settings, redis)
         app.state.store = store
         async with Producer(settings) as producer:
             consumer = features_consumer(settings, store, producer)
@@ -50,6 +50,7 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
             finally:
                 await consumer.shutdown()
     finally:  # also when start-up fails half way: the pool never leaks
+        await store.aclose()
         await redis.aclose()
 
 

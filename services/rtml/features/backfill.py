@@ -139,7 +139,7 @@ async def backfill(
         results = await store.run_calls(calls) if calls else []
         for p in pending:
             for entity, at in p.reads:
-                p.out["features"].update(store.decode_row(entity, None, results[at]).values)
+                p.out["features"].update(store.decode_row(entity, None, results[at][0]).values)
             yield p.out
 
 
@@ -168,6 +168,7 @@ async def run_backfill(
         redis_url = f"redis://127.0.0.1:{scratch.port}/0"
     redis = aioredis.Redis.from_url(redis_url)
     n = 0
+    store: FeatureStore | None = None
     try:
         longest = max(config.longest_window_ms, 24 * 3_600_000)
         store = FeatureStore(redis, Keys(f"backfill-{uuid.uuid4().hex[:8]}:"), config, dedup_horizon_ms=longest)
@@ -178,6 +179,8 @@ async def run_backfill(
                 if on_progress is not None and n % 1000 == 0:
                     on_progress(n)
     finally:
+        if store is not None:
+            await store.aclose()
         await redis.aclose()
         if scratch is not None:
             scratch.stop()

@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError
 from rtml.core import metrics
 from rtml.core.config import FeatureDef, PlatformConfig
 from rtml.core.errors import InvalidInput, NotFound
-from rtml.core.redis import Keys, Redis, guarded
+from rtml.core.redis import Keys, Redis, Resp, guarded
 from rtml.core.schemas import Event
 from rtml.core.timeutil import now_ms
 from rtml.features.plan import EntityPlan, Plan, Planner, encode_ops, plan_batch
@@ -36,6 +36,7 @@ from rtml.features.windows import tile_range
 
 FeatureValue = float | int | str | bool | None
 Call = tuple[str, list[str], list[Any]]  # ("apply" | "read", KEYS, ARGV)
+_READ_SECONDS = metrics.REDIS_SECONDS.labels(op="read")
 _TRIM_MS = 60_000  # the dedup seen-set is trimmed once a minute per entity: it holds horizon + <= 1 min
 _KIND = {"count": "c", "sum": "s", "mean": "m", "min": "n", "max": "x", "last": "l",
          "distinct_count": "d", "ratio": "r"}  # fmt: skip
@@ -55,6 +56,7 @@ class _ReadPlan:
     feats: tuple[tuple[str, FeatureDef], ...]
     spec: bytes
     decoders: tuple[tuple[str, Callable[[bytes], FeatureValue]], ...]
+    decode: tuple[Callable[[bytes], FeatureValue], ...]  # the same decoders, without the names
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class FeatureStore:
         apply_chunk: int = 200,
     ) -> None:
         self.redis = redis
+        self.resp = Resp.like(redis)  # the Lua calls (apply and read) go through the lean client
         self.keys = keys
         self.config = config
         self.dedup_horizon_ms = max(dedup_horizon_ms, config.longest_window_ms)
@@ -97,6 +100,9 @@ class FeatureStore:
         self._apply_sha: str | None = None
         self._plans: dict[tuple[str, tuple[str, ...] | None], _ReadPlan] = {}
         self._read_sha: str | None = None
+
+    async def aclose(self) -> None:
+        await self.resp.aclose()
 
     async def load_scripts(self) -> None:
         self._apply_sha = await guarded(self.redis.script_load(self._apply_src), "SCRIPT LOAD")
@@ -213,15 +219,10 @@ class FeatureStore:
                 raise InvalidInput(f"unknown feature(s) of entity {entity!r}: {', '.join(unknown)}")
             feats = tuple((n, own[n]) for n in names)
         spec = orjson.dumps([[n, kind_of(f), f.tile_ms or 1, f.n_tiles] for n, f in feats])
-        plan = _ReadPlan(feats, spec, tuple((n, _decoder(f)) for n, f in feats))
+        plan = _ReadPlan(feats, spec, tuple((n, _decoder(f)) for n, f in feats), tuple(_decoder(f) for _, f in feats))
         if len(self._plans) < 4096:  # bounded: names come from callers
             self._plans[cache_key] = plan
         return plan
-
-    def _read_call(self, entity: str, entity_id: str, names: Sequence[str] | None, as_of: int
-                   ) -> tuple[list[str], list[Any]]:  # fmt: skip
-        """One read call: KEYS = [entity base], ARGV = [as_of, cached JSON spec of the features]."""
-        return [self.keys.entity(entity, entity_id)], [as_of, self._read_plan(entity, names).spec]
 
     async def read_many(
         self, requests: Sequence[tuple[str, str, Sequence[str] | None]], as_of: int | None = None
@@ -233,19 +234,42 @@ class FeatureStore:
         self, requests: Sequence[tuple[str, str, Sequence[str] | None]], as_of: int | None = None
     ) -> list[FeatureRow]:
         """Like ``read_many``, with when each entity's features last changed (freshness)."""
+        raw = await self.read_raw(requests, as_of)
+        return [self.decode_row(entity, names, flat) for (entity, _, names), flat in zip(requests, raw, strict=True)]
+
+    async def read_raw(
+        self, requests: Sequence[tuple[str, str, Sequence[str] | None]], as_of: int | None = None
+    ) -> list[list[Any]]:
+        """Undecoded reads, one list per request: a raw value per feature (in the read plan's order), then
+        when the entity last changed; empty for a request of no features. One Lua call reads every entity
+        (on a cluster, one call per hash slot), all in one round trip."""
         as_of = now_ms() if as_of is None else as_of
-        plans = [self._read_plan(entity, names) for entity, _, names in requests]
-        calls: list[Call] = [
-            ("read", [self.keys.entity(entity, entity_id)], [as_of, plan.spec])
-            for (entity, entity_id, _), plan in zip(requests, plans, strict=True)
-            if plan.feats
-        ]
-        with metrics.REDIS_SECONDS.labels(op="read").time():
-            raw = await self.run_calls(calls) if calls else []
-        out: list[FeatureRow] = []
-        it = iter(raw)
-        for (entity, _, names), plan in zip(requests, plans, strict=True):
-            out.append(self.decode_row(entity, names, next(it) if plan.feats else []))
+        groups: dict[int, tuple[list[str], list[int], list[int]]] = {}  # slot -> keys, spec no., request no.
+        specs: dict[bytes, int] = {}
+        for n, (entity, entity_id, names) in enumerate(requests):
+            plan = self._read_plan(entity, names)
+            if not plan.feats:
+                continue
+            key = self.keys.entity(entity, entity_id)
+            group = groups.get(key_slot(key.encode()) if self.cluster else 0)
+            if group is None:
+                group = groups[key_slot(key.encode()) if self.cluster else 0] = ([], [], [])
+            spec_no = specs.get(plan.spec)
+            if spec_no is None:
+                spec_no = specs[plan.spec] = len(specs) + 1
+            group[0].append(key)
+            group[1].append(spec_no)
+            group[2].append(n)
+        out: list[list[Any]] = [[] for _ in requests]
+        if not groups:
+            return out
+        spec_doc = b"[" + b",".join(specs) + b"]"
+        calls: list[Call] = [("read", keys, [as_of, spec_doc, orjson.dumps(nos)]) for keys, nos, _ in groups.values()]
+        with _READ_SECONDS.time():
+            results = await self.run_calls(calls)
+        for (_, _, positions), rows in zip(groups.values(), results, strict=True):
+            for n, flat in zip(positions, rows, strict=True):
+                out[n] = flat
         return out
 
     async def run_calls(self, calls: list[Call]) -> list[Any]:
@@ -255,18 +279,9 @@ class FeatureStore:
             if self._apply_sha is None or self._read_sha is None:
                 await self.load_scripts()
             shas = {"apply": self._apply_sha, "read": self._read_sha}
-
-            async def go(shas: dict[str, str | None] = shas) -> list[Any]:
-                if len(calls) == 1:  # no pipeline object for the common single-entity read (~80 us less CPU)
-                    which, keys, args = calls[0]
-                    return [await self.redis.evalsha(shas[which], len(keys), *keys, *args)]  # type: ignore[arg-type]
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for which, keys, args in calls:
-                        pipe.evalsha(shas[which], len(keys), *keys, *args)  # type: ignore[arg-type]
-                    return list(await pipe.execute())
-
+            commands = [("EVALSHA", shas[which], len(keys), *keys, *args) for which, keys, args in calls]
             try:
-                return await guarded(go(), "feature store call")
+                return await guarded(self.resp.execute(commands), "feature store call")
             except NoScriptError:
                 if attempt:
                     raise
@@ -279,7 +294,13 @@ class FeatureStore:
         return [call for call, _ in self._apply_groups(self._planner.plan(events, now), now, per_event=True)]
 
     def read_call(self, entity: str, entity_id: str, names: Sequence[str] | None, as_of: int) -> Call:
-        return ("read", *self._read_call(entity, entity_id, names, as_of))
+        """A read of one entity for ``run_calls``; its result is ``[flat]`` (see ``read_raw``)."""
+        spec = self._read_plan(entity, names).spec
+        return ("read", [self.keys.entity(entity, entity_id)], [as_of, b"[" + spec + b"]", b"[1]"])
+
+    def decoders(self, entity: str, names: Sequence[str] | None) -> tuple[Callable[[bytes], FeatureValue], ...]:
+        """How to decode each raw value ``read_raw`` returns for (entity, names), in order."""
+        return self._read_plan(entity, names).decode
 
     def decode_row(self, entity: str, names: Sequence[str] | None, flat: list[Any]) -> FeatureRow:
         decoders = self._read_plan(entity, names).decoders
