@@ -9,7 +9,11 @@ from typing import Any
 from rtml.core import metrics
 from rtml.core.errors import DependencyUnavailable
 from rtml.core.schemas import PredictionLogged
-from rtml.serving.predictlog import PredictionLog
+from rtml.serving.predictlog import Logged, PredictionLog, encode
+
+
+class FakeModel:
+    name, version, features = "ctr", "1", ("a", "b")
 
 
 class FakeProducer:
@@ -28,11 +32,8 @@ class FakeProducer:
         self.sent.extend(records)
 
 
-def record(i: int) -> PredictionLogged:
-    return PredictionLogged.model_construct(
-        prediction_id=f"p{i}", model="ctr", version="1", entities={"user_id": "u"}, features={"a": 1.0},
-        score=0.5, degraded=False, ts=1, item_id=None,
-    )  # fmt: skip
+def record(i: int) -> Logged:
+    return Logged(f"p{i}", FakeModel(), {"user_id": "u"}, [1.0, float(i)], 0.5, False, 1, None)  # type: ignore[arg-type]
 
 
 def dropped() -> float:
@@ -42,7 +43,7 @@ def dropped() -> float:
 async def test_full_buffer_drops_and_counts() -> None:
     gate = asyncio.Event()
     producer = FakeProducer(gate=gate)
-    log = PredictionLog(producer, capacity=3)  # type: ignore[arg-type]
+    log = PredictionLog(producer, capacity=3, linger_s=0)  # type: ignore[arg-type]
     log.start()
     before = dropped()
     assert all(log.offer(record(i)) for i in range(3))
@@ -56,10 +57,38 @@ async def test_full_buffer_drops_and_counts() -> None:
 
 async def test_retries_a_refused_batch_and_drains_on_close() -> None:
     producer = FakeProducer(fail=1)
-    log = PredictionLog(producer, capacity=100)  # type: ignore[arg-type]
+    log = PredictionLog(producer, capacity=100, linger_s=0)  # type: ignore[arg-type]
     log.start()
     for i in range(20):
         log.offer(record(i))
     await log.close(timeout_s=5)
     assert len(producer.sent) == 20
     assert not log.offer(record(99))  # closed
+
+
+def test_encoded_record_is_the_published_schema() -> None:
+    r = Logged("p1", FakeModel(), {"user_id": "u1", "item_id": "t9"}, [2.0, 0.25], 0.75, True, 123, "t9")  # type: ignore[arg-type]
+    got = PredictionLogged.model_validate_json(encode(r))
+    assert got == PredictionLogged(
+        prediction_id="p1", model="ctr", version="1", entities={"user_id": "u1", "item_id": "t9"},
+        features={"a": 2.0, "b": 0.25}, score=0.75, degraded=True, ts=123, item_id="t9",
+    )  # fmt: skip
+
+
+async def test_linger_gathers_a_burst_into_one_publish() -> None:
+    calls: list[int] = []
+
+    class Counting(FakeProducer):
+        async def send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes]], headers: Any = None
+                            ) -> None:  # fmt: skip
+            calls.append(len(records))
+            await super().send_many(topic, records, headers)
+
+    producer = Counting()
+    log = PredictionLog(producer, capacity=1000, linger_s=0.05)  # type: ignore[arg-type]
+    log.start()
+    for i in range(10):
+        log.offer(record(i))
+        await asyncio.sleep(0.001)  # a burst spread over ~10 ms, inside one linger
+    await log.close(timeout_s=5)
+    assert calls == [10]

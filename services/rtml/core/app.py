@@ -134,10 +134,15 @@ class BodyLimitMiddleware:
 
 
 def build_app(
-    service: ServiceName, settings: Settings, open_hook: OpenHook, body_limits: Mapping[str, int] | None = None
+    service: ServiceName,
+    settings: Settings,
+    open_hook: OpenHook,
+    body_limits: Mapping[str, int] | None = None,
+    app_class: type[FastAPI] = FastAPI,
 ) -> FastAPI:
     """A service app: ``open_hook`` opens the service's resources and returns its readiness checks.
-    ``body_limits``: path pattern -> body limit for the routes that take more than ``max_body_bytes``."""
+    ``body_limits``: path pattern -> body limit for the routes that take more than ``max_body_bytes``.
+    ``app_class``: a FastAPI subclass (serving answers its hot routes before the middleware stack)."""
     api_keys = ApiKeys.parse(settings.api_keys.get_secret_value() if settings.api_keys else None)
 
     @asynccontextmanager
@@ -153,7 +158,7 @@ def build_app(
             gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
             yield
 
-    app = FastAPI(
+    app = app_class(
         title=f"rtml {service}",
         version=__version__,
         lifespan=lifespan,

@@ -1,7 +1,8 @@
 """The serving service: ONNX models kept in step with the registry, predictions logged to Kafka.
 
 Promotions arrive on the models topic (each replica reloads at once) and, as a fallback, by polling the live
-pointers every ``RTML_MODEL_POLL_INTERVAL_S``. predict/recommend pass the admission middleware first.
+pointers every ``RTML_MODEL_POLL_INTERVAL_S``. predict/recommend are answered by ``fastpath`` in front of
+FastAPI (auth, admission, validation and metrics included).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from rtml.core.errors import DependencyUnavailable
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer, decode_json
 from rtml.core.settings import Settings
 from rtml.features.store import FeatureStore
-from rtml.serving.admission import AdmissionMiddleware
+from rtml.serving.fastpath import FastPath, ServingApp
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.predict import Predictor
 from rtml.serving.predictlog import PredictionLog
-from rtml.serving.registry import ModelRegistry
+from rtml.serving.registry import MAX_MODEL_BYTES, ModelRegistry
 from rtml.serving.routes import router
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
     keys = rredis.Keys(settings.redis.key_prefix)
     redis = rredis.connect(settings)
     registry = ModelRegistry(redis, keys)
+    store = FeatureStore(redis, keys, config)
     live = LiveModels(registry, config.models)
     try:
         await live.refresh()
@@ -59,7 +61,7 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
             app.state.live = live
             app.state.producer = producer
             app.state.predlog = predlog
-            app.state.predictor = Predictor(config, FeatureStore(redis, keys, config), live, predlog)
+            app.state.predictor = Predictor(config, store, live, predlog)
 
             async def redis_ready() -> None:
                 await rredis.ping(redis)
@@ -73,6 +75,7 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
                     await poller
                 await predlog.close()
     finally:  # also when start-up fails half way
+        await store.aclose()
         await redis.aclose()
 
 
@@ -94,16 +97,11 @@ def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer)
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    from rtml.serving.registry import MAX_MODEL_BYTES
-
+def create_app(settings: Settings) -> ServingApp:
     # model uploads (raw ONNX bytes) may be as large as the registry accepts, every other body keeps the limit
-    app = build_app("serving", settings, _open, body_limits={r"/v1/models/[^/]+/versions": MAX_MODEL_BYTES})
+    limits = {r"/v1/models/[^/]+/versions": MAX_MODEL_BYTES}
+    app = build_app("serving", settings, _open, body_limits=limits, app_class=ServingApp)
+    assert isinstance(app, ServingApp)
     app.include_router(router)
-    app.add_middleware(
-        AdmissionMiddleware,
-        paths=("/v1/predict", "/v1/recommend"),
-        max_in_flight=settings.predict_max_in_flight,
-        timeout_ms=settings.predict_timeout_ms,
-    )
+    app.fast = FastPath(app.state)  # predict and recommend skip the middleware stack and the router
     return app

@@ -3,14 +3,17 @@
 Feature values come, in order of precedence, from the request, the online store, the model's declared
 defaults, else 0.0. ``degraded`` is true only when the store could not be read (down, or slower than the
 request's deadline); the answer is still given.
+
+Everything that depends only on the model version (which entity supplies each input, the read plans, the
+defaults row) is worked out once per loaded model (``_Inputs``), not per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,16 +23,14 @@ import numpy as np
 from rtml.core import metrics
 from rtml.core.config import PlatformConfig
 from rtml.core.errors import DependencyUnavailable, NotFound
-from rtml.core.schemas import PredictionLogged
 from rtml.core.timeutil import now_ms
 from rtml.core.values import as_float
 from rtml.features.store import FeatureStore
-from rtml.serving.admission import remaining_s
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.inference.session import LoadedModel
-from rtml.serving.predictlog import PredictionLog
+from rtml.serving.predictlog import Logged, PredictionLog
 
-EntityKey = tuple[str, str]  # (entity, entity id)
+Source = tuple[str, tuple[str, ...], tuple[int, ...]]  # (entity, stored features to read, their columns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +42,26 @@ class Scored:
     degraded: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """Where each input column of one model version comes from."""
+
+    model: LoadedModel
+    column: dict[str, int]  # feature -> column
+    template: tuple[float, ...]  # declared defaults, else 0.0, in column order
+    sources: tuple[Source, ...]  # stored features grouped by the entity that holds them
+    predictions: Any  # its metric children, bound once
+    degraded: Any
+    inference_seconds: Any
+
+
 class Predictor:
     def __init__(self, config: PlatformConfig, store: FeatureStore, live: LiveModels, log: PredictionLog) -> None:
         self.config = config
         self.store = store
         self.live = live
         self.log = log
+        self._inputs: dict[str, _Inputs] = {}  # model name -> inputs of the version last seen
 
     def model(self, name: str) -> LoadedModel:
         model = self.live.get(name)
@@ -58,109 +73,155 @@ class Predictor:
             raise NotFound(f"unknown model {name!r}")
         raise NotFound(f"model {name!r} has no live version (promote one: POST /v1/models/{name}/promote)")
 
-    def _needs(self, model: LoadedModel, entities: Mapping[str, str], skip: Mapping[str, Any]
-               ) -> list[tuple[str, EntityKey]]:  # fmt: skip
-        """(feature, entity key) for each model feature the store must supply for these entities."""
-        out = []
+    def inputs(self, model: LoadedModel) -> _Inputs:
+        cached = self._inputs.get(model.name)
+        if cached is not None and cached.model is model:
+            return cached
+        column = {name: i for i, name in enumerate(model.features)}
+        by_entity: dict[str, list[str]] = {}
         for name in model.features:
-            if name in skip:
-                continue
             fd = self.config.features.get(name)
-            if fd is None:
-                continue
-            entity_id = self.config.entity_id(fd.entity, dict(entities))
-            if entity_id is not None:
-                out.append((name, (fd.entity, entity_id)))
-        return out
+            if fd is not None:  # an input the platform does not compute comes from the request or defaults
+                by_entity.setdefault(fd.entity, []).append(name)
+        sources = tuple((e, tuple(names), tuple(column[n] for n in names)) for e, names in by_entity.items())
+        template = tuple(model.defaults.get(name, 0.0) for name in model.features)
+        inputs = self._inputs[model.name] = _Inputs(
+            model, column, template, sources, metrics.PREDICTIONS.labels(model.name, model.version),
+            metrics.PREDICTIONS_DEGRADED.labels(model.name), metrics.INFERENCE_SECONDS.labels(model.name),
+        )  # fmt: skip
+        return inputs
 
-    async def _read(self, model: LoadedModel, needs: Sequence[tuple[str, EntityKey]]
-                    ) -> tuple[dict[EntityKey, dict[str, Any]], bool]:  # fmt: skip
-        """Stored values per entity key, in one round trip; (empty, True) when the store is down or does not
-        answer before the request's deadline (see ``admission``)."""
-        wanted: dict[EntityKey, list[str]] = {}
-        for name, key in needs:
-            names = wanted.setdefault(key, [])
-            if name not in names:
-                names.append(name)
-        if not wanted:
-            return {}, False
-        keys = list(wanted)
-        budget = remaining_s()
-        if budget is not None and budget <= 0:
-            metrics.SERVING_DEADLINE_EXCEEDED.labels(model=model.name).inc()
-            return {}, True
+    async def _read(self, model: LoadedModel, requests: list[tuple[str, str, Sequence[str]]], deadline: float | None
+                    ) -> tuple[list[list[Any]], bool]:  # fmt: skip
+        """Raw stored values per request, in one round trip; (empty rows, True) when the store is down or
+        does not answer before ``deadline`` (loop time)."""
+        if not requests:
+            return [], False
         try:
+            if deadline is None:
+                return await self.store.read_raw(requests), False
+            budget = deadline - asyncio.get_running_loop().time()
+            if budget <= 0:
+                raise TimeoutError
             async with asyncio.timeout(budget):
-                rows = await self.store.read_many([(e, i, wanted[(e, i)]) for e, i in keys])
+                return await self.store.read_raw(requests), False
         except DependencyUnavailable:
-            return {}, True
+            return [[] for _ in requests], True
         except TimeoutError:
             metrics.SERVING_DEADLINE_EXCEEDED.labels(model=model.name).inc()
-            return {}, True
-        return dict(zip(keys, rows, strict=True)), False
+            return [[] for _ in requests], True
+
+    def _fill(self, row: list[float], entity: str, names: Sequence[str], columns: Sequence[int], flat: list[Any]
+              ) -> None:  # fmt: skip
+        """Put one entity's stored values (raw, as read) into their columns; missing ones keep the default."""
+        if not flat:
+            return
+        decoders = self.store.decoders(entity, names)
+        for col, dec, raw in zip(columns, decoders, flat, strict=False):  # flat ends with updated_at
+            if raw is not None:
+                value = as_float(dec(raw))
+                if value is not None:
+                    row[col] = value
 
     @staticmethod
-    def _row(model: LoadedModel, overrides: Mapping[str, Any], stored: Mapping[str, Any]) -> dict[str, float]:
-        row: dict[str, float] = {}
-        for name in model.features:
-            value = as_float(overrides[name]) if name in overrides else None
-            if value is None:
-                value = as_float(stored.get(name))
-            if value is None:
-                value = model.defaults.get(name, 0.0)
-            row[name] = value
-        return row
-
-    def _infer(self, model: LoadedModel, rows: list[dict[str, float]]) -> list[float]:
-        x = np.array([list(r.values()) for r in rows], dtype=np.float32)
+    def _infer(inputs: _Inputs, rows: list[list[float]]) -> list[float]:
+        x = np.array(rows, dtype=np.float32)
         started = time.perf_counter()
-        scores = model.predict(x)
-        metrics.INFERENCE_SECONDS.labels(model.name).observe(time.perf_counter() - started)
-        return [float(s) if math.isfinite(s) else 0.0 for s in scores.tolist()]
+        scores = inputs.model.predict(x)
+        inputs.inference_seconds.observe(time.perf_counter() - started)
+        return [s if math.isfinite(s) else 0.0 for s in scores.tolist()]
 
-    def _count(self, model: LoadedModel, n: int, degraded: bool) -> None:
-        metrics.PREDICTIONS.labels(model.name, model.version).inc(n)
+    @staticmethod
+    def _count(inputs: _Inputs, n: int, degraded: bool) -> None:
+        inputs.predictions.inc(n)
         if degraded:
-            metrics.PREDICTIONS_DEGRADED.labels(model.name).inc(n)
+            inputs.degraded.inc(n)
 
-    async def predict(self, name: str, entities: Mapping[str, str], overrides: Mapping[str, Any]) -> Scored:
+    async def predict(self, name: str, entities: Mapping[str, str], overrides: Mapping[str, Any],
+                      deadline: float | None = None) -> Scored:  # fmt: skip
         model = self.model(name)
-        overrides = {k: v for k, v in overrides.items() if as_float(v) is not None}
-        needs = self._needs(model, entities, overrides)
-        by_key, degraded = await self._read(model, needs)
-        stored = {n: by_key.get(key, {}).get(n) for n, key in needs}
-        row = self._row(model, overrides, stored)
-        [score] = self._infer(model, [row])
-        pid = uuid.uuid4().hex
-        self._count(model, 1, degraded)
-        self.log.offer(PredictionLogged.model_construct(
-            prediction_id=pid, model=model.name, version=model.version, entities=dict(entities),
-            features=dict(row), score=score, degraded=degraded, ts=now_ms(), item_id=entities.get("item_id"),
-        ))  # fmt: skip
+        inputs = self.inputs(model)
+        row = list(inputs.template)
+        given: set[str] = set()
+        for key, value in overrides.items():
+            col = inputs.column.get(key)
+            x = None if col is None else as_float(value)
+            if x is not None:
+                row[col] = x  # type: ignore[index]
+                given.add(key)
+        reads: list[tuple[str, str, Sequence[str]]] = []
+        cols: list[Sequence[int]] = []
+        for entity, names, columns in inputs.sources:
+            entity_id = self.config.entity_id(entity, entities)
+            if entity_id is None:
+                continue
+            if given:
+                keep = [i for i, n in enumerate(names) if n not in given]
+                if not keep:
+                    continue
+                reads.append((entity, entity_id, tuple(names[i] for i in keep)))
+                cols.append(tuple(columns[i] for i in keep))
+            else:
+                reads.append((entity, entity_id, names))
+                cols.append(columns)
+        raw, degraded = await self._read(model, reads, deadline)
+        for (entity, _, read_names), read_cols, flat in zip(reads, cols, raw, strict=True):
+            self._fill(row, entity, read_names, read_cols, flat)
+        [score] = self._infer(inputs, [row])
+        pid = os.urandom(16).hex()
+        self._count(inputs, 1, degraded)
+        self.log.offer(Logged(pid, model, entities, row, score, degraded, now_ms(), entities.get("item_id")))
         return Scored(pid, model.name, model.version, [score], degraded)
 
-    async def recommend(self, name: str, user_id: str, candidates: Sequence[str], k: int
-                        ) -> tuple[Scored, list[tuple[str, float]]]:  # fmt: skip
+    async def recommend(self, name: str, user_id: str, candidates: Sequence[str], k: int,
+                        deadline: float | None = None) -> tuple[Scored, list[tuple[str, float]]]:  # fmt: skip
         """Score every candidate for ``user_id`` (one round trip, one ONNX call); the top ``k``, best first.
 
         Each returned item is logged as one prediction record sharing the response's prediction_id, with
         its own ``item_id``, features and score.
         """
         model = self.model(name)
+        inputs = self.inputs(model)
         items = list(dict.fromkeys(candidates))
-        per_item = [self._needs(model, {"user_id": user_id, "item_id": c}, {}) for c in items]
-        by_key, degraded = await self._read(model, [n for needs in per_item for n in needs])
-        rows = [self._row(model, {}, {n: by_key.get(key, {}).get(n) for n, key in needs}) for needs in per_item]
-        scores = self._infer(model, rows) if rows else []
+        user = {"user_id": user_id}
+        shared = list(inputs.template)  # what does not depend on the item: read once
+        reads: list[tuple[str, str, Sequence[str]]] = []
+        per_user: list[tuple[Source, int]] = []
+        per_item: list[Source] = []
+        for src in inputs.sources:
+            entity, names, _ = src
+            entity_id = self.config.entity_id(entity, user)
+            if entity_id is not None:
+                per_user.append((src, len(reads)))
+                reads.append((entity, entity_id, names))
+            else:
+                per_item.append(src)
+        item_reads: list[list[tuple[Source, int]]] = []  # per item: (source, position in reads)
+        for item in items:
+            pair = {"user_id": user_id, "item_id": item}
+            mine = []
+            for src in per_item:
+                entity_id = self.config.entity_id(src[0], pair)
+                if entity_id is not None:
+                    mine.append((src, len(reads)))
+                    reads.append((src[0], entity_id, src[1]))
+            item_reads.append(mine)
+        raw, degraded = await self._read(model, reads, deadline)
+        for (entity, names, columns), at in per_user:
+            self._fill(shared, entity, names, columns, raw[at])
+        rows: list[list[float]] = []
+        for mine in item_reads:
+            row = list(shared)
+            for (entity, names, columns), at in mine:
+                self._fill(row, entity, names, columns, raw[at])
+            rows.append(row)
+        scores = self._infer(inputs, rows) if rows else []
         order = sorted(range(len(items)), key=lambda i: -scores[i])[:k]
-        pid = uuid.uuid4().hex
-        self._count(model, len(items), degraded)
+        pid = os.urandom(16).hex()
+        self._count(inputs, len(items), degraded)
         ts = now_ms()
         for i in order:
-            self.log.offer(PredictionLogged.model_construct(
-                prediction_id=pid, model=model.name, version=model.version,
-                entities={"user_id": user_id, "item_id": items[i]}, features=dict(rows[i]), score=scores[i],
-                degraded=degraded, ts=ts, item_id=items[i],
-            ))  # fmt: skip
+            self.log.offer(Logged(pid, model, {"user_id": user_id, "item_id": items[i]}, rows[i], scores[i], degraded,
+                                  ts, items[i]))  # fmt: skip
         top = [(items[i], scores[i]) for i in order]
         return Scored(pid, model.name, model.version, [s for _, s in top], degraded), top

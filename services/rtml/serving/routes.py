@@ -89,21 +89,35 @@ def _registry(request: Request) -> ModelRegistry:
     return r
 
 
+async def answer_predict(predictor: Predictor, body: PredictRequest, deadline: float | None) -> dict[str, Any]:
+    s = await predictor.predict(body.model, _str_entities(body.entities), body.features, deadline)
+    return {"prediction_id": s.prediction_id, "model": s.model, "version": s.version, "score": s.scores[0],
+            "degraded": s.degraded}  # fmt: skip
+
+
+async def answer_recommend(predictor: Predictor, body: RecommendRequest, deadline: float | None) -> dict[str, Any]:
+    s, top = await predictor.recommend(body.model, body.user_id, body.candidates, body.k, deadline)
+    return {"prediction_id": s.prediction_id, "items": [{"item_id": i, "score": sc} for i, sc in top],
+            "model": s.model, "version": s.version, "degraded": s.degraded}  # fmt: skip
+
+
+# In the serving app, rtml.serving.fastpath answers these two before FastAPI routes anything (same models,
+# same answer functions, plus the per-request deadline and shedding); they are declared here for the OpenAPI
+# schema and work as plain routes wherever the router is mounted without it.
 @router.post("/predict", response_model=PredictResponse, dependencies=[require("predict")])
 async def predict(request: Request, body: PredictRequest) -> Any:
     """Score one set of entities. Request ``features`` override stored ones; missing ones take the model's
-    defaults (else 0.0). ``degraded`` is true when the feature store could not be read."""
-    s = await _predictor(request).predict(body.model, _str_entities(body.entities), body.features)
-    return JSONBytes({"prediction_id": s.prediction_id, "model": s.model, "version": s.version,
-                      "score": s.scores[0], "degraded": s.degraded})  # fmt: skip
+    defaults (else 0.0). ``degraded`` is true when the feature store could not be read, or not before the
+    request's deadline (``X-Request-Timeout-Ms``, default ``RTML_PREDICT_TIMEOUT_MS``). 503 with Retry-After
+    when more than ``RTML_PREDICT_MAX_IN_FLIGHT`` requests are in flight."""
+    return JSONBytes(await answer_predict(_predictor(request), body, None))
 
 
 @router.post("/recommend", response_model=RecommendResponse, dependencies=[require("predict")])
 async def recommend(request: Request, body: RecommendRequest) -> Any:
-    """Rank ``candidates`` for ``user_id`` and return the top ``k`` (one feature read, one ONNX call)."""
-    s, top = await _predictor(request).recommend(body.model, body.user_id, body.candidates, body.k)
-    return JSONBytes({"prediction_id": s.prediction_id, "model": s.model, "version": s.version,
-                      "items": [{"item_id": i, "score": sc} for i, sc in top], "degraded": s.degraded})  # fmt: skip
+    """Rank ``candidates`` for ``user_id`` and return the top ``k`` (one feature read, one ONNX call);
+    deadline and shedding as for predict."""
+    return JSONBytes(await answer_recommend(_predictor(request), body, None))
 
 
 @router.get("/models", dependencies=[require("read")])

@@ -1,0 +1,202 @@
+"""``POST /v1/predict`` and ``POST /v1/recommend``, answered before FastAPI's middleware stack and router.
+
+Why: web apps call these on their own request path, and on 2 cores FastAPI's share of a request (routing,
+dependency injection, its middleware stack, body handling) cost more CPU than the Redis read and the model
+together (see README "Performance"). This layer does, for these two routes only, everything the stack did —
+API key scope, admission, body limit, validation, errors in the contract's shape, request metrics — in a few
+microseconds, and leaves every other route to FastAPI (``ServingApp``).
+
+It validates with the same pydantic models the FastAPI routes declare (``PredictRequest``,
+``RecommendRequest``, by pydantic-core straight from the bytes), so the OpenAPI schema FastAPI publishes for
+these routes describes exactly what is accepted.
+
+Admission, for web apps that would rather have a fast fallback than a slow answer:
+
+- **Deadline.** ``X-Request-Timeout-Ms`` (else ``RTML_PREDICT_TIMEOUT_MS``) sets when the request must be
+  answered. The feature read gets what is left of it; when Redis is slower, the read is abandoned and the
+  model scores with defaults, ``degraded: true`` (see ``Predictor``).
+- **Shedding.** Past ``RTML_PREDICT_MAX_IN_FLIGHT`` requests in this process, the next one is answered 503
+  with ``Retry-After`` at once instead of queueing into everyone's timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.datastructures import State
+from starlette.types import Receive, Scope, Send
+
+from rtml.core import metrics
+from rtml.core.auth import ApiKeys
+from rtml.core.errors import BadRequest, Overloaded, PayloadTooLarge, RtmlError
+from rtml.serving.predict import Predictor
+from rtml.serving.routes import PredictRequest, RecommendRequest, answer_predict, answer_recommend
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_HEADER = b"x-request-timeout-ms"
+MAX_TIMEOUT_MS = 60_000
+JSON_TYPE = (b"content-type", b"application/json")
+Handler = Callable[[Predictor, Any, float | None], Awaitable[dict[str, Any]]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before sending its whole body: nothing to answer."""
+
+
+class _Route:
+    """One fast route: its validator, its handler and its request metrics (label children bound once)."""
+
+    def __init__(self, path: str, model: type[BaseModel], handler: Handler) -> None:
+        self.path = path
+        self.adapter: TypeAdapter[Any] = TypeAdapter(model)
+        self.handler = handler
+        self.seconds = metrics.HTTP_REQUEST_SECONDS.labels("serving", path, "POST")
+        self._counts: dict[int, Any] = {}
+
+    def count(self, status: int) -> None:
+        child = self._counts.get(status)
+        if child is None:
+            child = self._counts[status] = metrics.HTTP_REQUESTS.labels("serving", self.path, "POST", str(status))
+        child.inc()
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, str]]:
+    """The same ``details`` as FastAPI's 422 (see ``rtml.core.app``): dotted field path and message."""
+    return [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
+
+
+class FastPath:
+    """Answers the hot routes.
+
+    ``state`` is the FastAPI app's state: settings and API keys now, the predictor once the lifespan has
+    opened it (no request reaches an app before its lifespan started).
+    """
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        settings = state.settings
+        self.keys: ApiKeys = state.api_keys
+        self.limit: int = settings.max_body_bytes
+        self.max_in_flight: int = settings.predict_max_in_flight
+        self.default_timeout_s: float = settings.predict_timeout_ms / 1000
+        self.in_flight = 0
+        self.routes = {
+            "/v1/predict": _Route("/v1/predict", PredictRequest, answer_predict),
+            "/v1/recommend": _Route("/v1/recommend", RecommendRequest, answer_recommend),
+        }
+        self._shed = {path: metrics.SERVING_SHED.labels(route=path) for path in self.routes}
+
+    async def serve(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        try:
+            status, body, headers = await self._answer(route, scope, receive)
+        except ClientGone:
+            return
+        # with a Content-Length the server need not chunk the body
+        headers += (JSON_TYPE, (b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        route.seconds.observe(time.perf_counter() - started)
+        route.count(status)
+
+    async def _answer(self, route: _Route, scope: Scope, receive: Receive) -> tuple[int, bytes, list[Any]]:
+        auth = length = timeout = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value
+            elif name == b"content-length":
+                length = value
+            elif name == TIMEOUT_HEADER:
+                timeout = value
+        try:
+            if self.keys.enabled:
+                self.keys.check(None if auth is None else auth.decode("latin-1"), "predict")
+            if self.in_flight >= self.max_in_flight:
+                self._shed[route.path].inc()
+                raise Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
+            deadline = asyncio.get_running_loop().time() + (
+                self.default_timeout_s if timeout is None else _timeout_s(timeout)
+            )
+            self.in_flight += 1
+            try:
+                raw = await self._body(receive, length)
+                request = route.adapter.validate_json(raw)
+                payload = await route.handler(self.state.predictor, request, deadline)
+            finally:
+                self.in_flight -= 1
+            return 200, orjson.dumps(payload), []
+        except RtmlError as exc:
+            extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+            return exc.status, orjson.dumps(exc.to_body()), extra
+        except ValidationError as exc:
+            err = {"code": "invalid", "message": "request does not validate", "details": validation_details(exc)}
+            return 422, orjson.dumps({"error": err}), []
+        except ClientGone:
+            raise
+        except Exception:
+            log.exception("unhandled error on POST %s", route.path)
+            return 500, b'{"error":{"code":"internal","message":"internal error"}}', []
+
+    async def _body(self, receive: Receive, length: bytes | None) -> bytes:
+        """The whole body, refused with 413 past the limit (by Content-Length at once, else while reading)."""
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise BadRequest("Content-Length is not a number") from None
+            if declared > self.limit:
+                raise PayloadTooLarge(f"request body is over {self.limit} bytes")
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > self.limit:
+                raise PayloadTooLarge(f"request body is over {self.limit} bytes")
+            return body
+        chunks, size = [body], len(body)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise PayloadTooLarge(f"request body is over {self.limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _timeout_s(raw: bytes) -> float:
+    try:
+        ms = int(raw)
+    except ValueError:
+        ms = 0
+    if not 1 <= ms <= MAX_TIMEOUT_MS:
+        raise BadRequest(f"X-Request-Timeout-Ms must be a whole number of ms from 1 to {MAX_TIMEOUT_MS}")
+    return ms / 1000
+
+
+class ServingApp(FastAPI):
+    """The serving service's app: POST to a hot route goes straight to ``fast`` (set by ``create_app``);
+    everything else takes FastAPI's usual way."""
+
+    fast: FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast
+        if fast is not None and scope["type"] == "http" and scope["method"] == "POST":
+            route = fast.routes.get(scope["path"])
+            if route is not None:
+                await fast.serve(route, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
