@@ -147,6 +147,29 @@ def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def request_bodies(
+    kind: Kind, *, users: int, items: int, candidates: int = 100, k: int = 10, model: str | None = None
+) -> tuple[list[bytes], list[bytes]]:
+    """(rtml bodies, baseline bodies): users ``u0..`` and items ``t0..`` cycled, ``max(users, items)`` of each."""
+    item_ids = [f"t{j}" for j in range(items)]
+    rtml_bodies: list[bytes] = []
+    base_bodies: list[bytes] = []
+    for i in range(max(users, items)):
+        user, item = f"u{i % users}", item_ids[i % items]
+        if kind == "predict":
+            req: dict[str, Any] = {"entities": {"user_id": user, "item_id": item}}
+            base: dict[str, Any] = {"user_id": user, "item_id": item}
+        else:
+            cands = [item_ids[(i + j) % items] for j in range(candidates)]
+            req = {"user_id": user, "candidates": cands, "k": k}
+            base = {"user_id": user, "candidates": cands, "k": k}
+        if model:
+            req["model"] = model
+        rtml_bodies.append(orjson.dumps(req))
+        base_bodies.append(orjson.dumps(base))
+    return rtml_bodies, base_bodies
+
+
 def resolve_client(client: Client) -> Literal["wrk", "raw", "httpx"]:
     if client not in ("auto", "wrk", "raw", "httpx"):
         raise ValueError(f"client must be auto, wrk, raw or httpx, not {client!r}")
@@ -207,21 +230,7 @@ async def bench_serving(
     if kind == "recommend":
         items = max(items, candidates)
     item_ids = [f"t{j}" for j in range(items)]
-    rtml_bodies: list[bytes] = []
-    base_bodies: list[bytes] = []
-    for i in range(max(users, items)):
-        user, item = f"u{i % users}", item_ids[i % items]
-        if kind == "predict":
-            req: dict[str, Any] = {"entities": {"user_id": user, "item_id": item}}
-            base: dict[str, Any] = {"user_id": user, "item_id": item}
-        else:
-            cands = [item_ids[(i + j) % items] for j in range(candidates)]
-            req = {"user_id": user, "candidates": cands, "k": k}
-            base = {"user_id": user, "candidates": cands, "k": k}
-        if model:
-            req["model"] = model
-        rtml_bodies.append(orjson.dumps(req))
-        base_bodies.append(orjson.dumps(base))
+    rtml_bodies, base_bodies = request_bodies(kind, users=users, items=items, candidates=candidates, k=k, model=model)
     path = f"/v1/{kind}"
     rtml_ep = Endpoint(settings.host, settings.serving_port, path, rtml_bodies, hdrs)
     phase_s = max(MIN_PHASE_S, duration_s / (2 * rounds * len(concurrency)))
