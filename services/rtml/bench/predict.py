@@ -9,6 +9,9 @@ the medians over rounds are reported, with the ratios rtml / baseline.
 The client is ``wrk`` when it is on PATH, else the minimal keep-alive asyncio client (``rawhttp``): on 2
 cores httpx's ~1 ms of client CPU per request would be the bottleneck being measured. ``client`` in the JSON
 says which one ran.
+
+``bench predict --swap`` is the hot-swap benchmark (:mod:`rtml.bench.swap`): the same requests, while a new
+version of the live model is promoted.
 """
 
 from __future__ import annotations
@@ -300,6 +303,14 @@ async def bench_serving(
     }
 
 
-async def bench_predict(settings: Settings, **opts: Any) -> dict[str, Any]:
-    """``POST /v1/predict`` vs the baseline: req/s, p50/p90/p99 and errors at each concurrency, medians."""
+async def bench_predict(settings: Settings, *, swap: bool = False, **opts: Any) -> dict[str, Any]:
+    """``POST /v1/predict`` vs the baseline: req/s, p50/p90/p99 and errors at each concurrency, medians.
+
+    ``swap=True`` runs the hot-swap benchmark instead (:func:`rtml.bench.swap.bench_swap`): the same requests
+    at one concurrency while a new version of the live model is promoted.
+    """
+    if swap:
+        from rtml.bench.swap import bench_swap  # it builds on this module (request bodies, warm-up)
+
+        return await bench_swap(settings, **opts)
     return await bench_serving("predict", settings, **opts)

@@ -49,6 +49,9 @@ def bench(
     client: LoadClient = typer.Option(  # noqa: B008
         LoadClient.auto, help="predict, recommend: wrk if on PATH (auto), or the built-in asyncio client (raw)"
     ),
+    swap: bool = typer.Option(
+        False, "--swap", help="predict: promote a copy of the live model under load and report the hot swap"
+    ),
     out: Path | None = typer.Option(None, help="also write the JSON summary here"),  # noqa: B008
 ) -> None:
     """Measure against a running platform (rtml up) and print a JSON summary: medians and same-run baselines."""
@@ -73,6 +76,14 @@ def bench(
         _only(kind, "--client", *SERVING)
     if kind in SERVING:
         opts["client"] = client.value
+    if swap:
+        _only(kind, "--swap", Kind.predict)
+        if client is LoadClient.wrk:
+            raise CliError("--swap needs each answer's version and timing, which wrk cannot give: use --client raw",
+                           exit_code=2)  # fmt: skip
+        if concurrency and len(concurrency) > 1:
+            raise CliError("--swap runs at one concurrency: give --concurrency once", exit_code=2)
+        opts["swap"] = True
     try:
         with err.status(f"benchmarking {kind.value}…"):
             result = run_bench(kind.value, settings, **opts)
