@@ -1,4 +1,4 @@
-"""The producer when the broker is down: one DependencyUnavailable, and the aiokafka client closed behind it."""
+"""Producer and consumer loop when the broker is down: one DependencyUnavailable, the aiokafka client closed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from rtml.core.errors import DependencyUnavailable
-from rtml.core.kafka import Producer
+from rtml.core.kafka import ConsumerLoop, Producer, decode_json
 from rtml.core.settings import Settings
 
 
@@ -36,3 +36,25 @@ async def test_a_failed_start_leaves_no_unclosed_client(
     unclosed = [str(w.message) for w in recwarn if "Unclosed" in str(w.message)]
     assert not unclosed, unclosed
     assert "Unclosed" not in caplog.text
+
+
+async def test_a_consumer_loop_that_cannot_start_leaves_no_unclosed_client(
+    recwarn: pytest.WarningsRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(kafka={"bootstrap": f"127.0.0.1:{closed_port()}"})
+
+    async def handle(batch: object) -> None:
+        raise AssertionError("nothing to consume")
+
+    loop: ConsumerLoop[object] = ConsumerLoop(
+        settings, name="t", topics=["events"], group_id="t", decode=decode_json, handle=handle,
+        producer=Producer(settings),
+    )  # fmt: skip
+    with pytest.raises(DependencyUnavailable):
+        await loop.start()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        del loop
+        gc.collect()
+    unclosed = [str(w.message) for w in recwarn if "Unclosed AIOKafkaConsumer" in str(w.message)]
+    assert not unclosed, unclosed
+    assert "Unclosed AIOKafkaConsumer" not in caplog.text  # (the never-started producer may warn: not ours)

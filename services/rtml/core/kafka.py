@@ -64,8 +64,8 @@ async def create_topics(settings: Settings, names: Sequence[str] = TOPICS) -> No
     """Create rtml's topics with explicit partition counts (auto-creation picks its own). Idempotent."""
     k = settings.kafka
     admin = AIOKafkaAdminClient(**client_options(k))
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(settings.topic(n), num_partitions=k.partitions, replication_factor=k.replication_factor)
@@ -309,7 +309,10 @@ class ConsumerLoop(Generic[T]):
         producer: Producer,
         max_records: int | None = None,
         max_in_flight: int = 1,
+        fetch_max_wait_ms: int | None = None,
     ) -> None:
+        """``fetch_max_wait_ms`` overrides the setting for consumers that need no low latency: Tansu answers
+        a fetch only when its wait is over, so a short wait is many requests a second even when idle."""
         k = settings.kafka
         self.name = name
         self._settings = settings
@@ -326,7 +329,7 @@ class ConsumerLoop(Generic[T]):
             group_id=f"{settings.topic_prefix}{group_id}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=k.fetch_max_wait_ms,
+            fetch_max_wait_ms=k.fetch_max_wait_ms if fetch_max_wait_ms is None else fetch_max_wait_ms,
             session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_records=self._max_records,
@@ -338,8 +341,11 @@ class ConsumerLoop(Generic[T]):
     async def start(self) -> None:
         try:
             await self._consumer.start()
-        except KafkaError as exc:
-            raise DependencyUnavailable("kafka", f"consumer cannot connect: {exc}") from exc
+        except BaseException as exc:
+            await self._consumer.stop()  # no half-started client left behind (sockets, background tasks)
+            if isinstance(exc, KafkaError):
+                raise DependencyUnavailable("kafka", f"consumer cannot connect: {exc}") from exc
+            raise
 
     async def stop(self) -> None:
         self._stopping.set()
