@@ -35,6 +35,7 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
             decode=joiner.decode,
             handle=joiner.handle,
             producer=producer,
+            fetch_max_wait_ms=100,  # labels arrive minutes later: no need to poll the broker 100 times a second
         )
         await stack.enter_async_context(loop)
         loop.run_in_background()

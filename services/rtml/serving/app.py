@@ -94,6 +94,7 @@ def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer)
         decode=decode_json,
         handle=handle,
         producer=producer,
+        fetch_max_wait_ms=500,  # promotions are rare and may take a moment; idle polling costs the request path
     )
 
 
