@@ -17,7 +17,6 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import SSLConnection
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -68,10 +67,9 @@ class Keys:
         return f"{self.prefix}{{p:{prediction_id}}}"
 
 
-def load_script(client: Redis, package: str, name: str) -> AsyncScript:
-    """Register a Lua script shipped in ``package`` (EVALSHA, reloaded automatically on NOSCRIPT)."""
-    source = resources.files(package).joinpath(name).read_text(encoding="utf-8")
-    return client.register_script(source)
+def script_source(package: str, name: str) -> str:
+    """The text of a Lua script shipped in ``package``."""
+    return resources.files(package).joinpath(name).read_text(encoding="utf-8")
 
 
 # Server states a retry can outlive (restart, failover, memory pressure): never a reason to dead-letter.
@@ -322,3 +320,41 @@ class Resp:
         conn, self._conn = self._conn, None
         if conn is not None and conn.transport is not None:
             conn.transport.close()
+
+
+Call = tuple[str, Sequence[Arg], Sequence[Arg]]  # (script name, KEYS, ARGV)
+
+
+class Scripts:
+    """Named Lua scripts run by EVALSHA through ``Resp``: several calls in one round trip, in order (so a
+    call sees the effects of the calls before it). Loaded on first use and once more when Redis lost them
+    (a restart or SCRIPT FLUSH). The one way the feature store and the join store talk to Redis on their
+    hot paths."""
+
+    def __init__(self, client: Redis, sources: dict[str, str]) -> None:
+        self.client = client
+        self.resp = Resp.like(client)
+        self._sources = sources
+        self._shas: dict[str, str] = {}
+
+    async def load(self) -> None:
+        for name, source in self._sources.items():
+            self._shas[name] = await guarded(self.client.script_load(source), "SCRIPT LOAD")
+
+    async def run(self, calls: Sequence[Call], what: str = "Lua call") -> list[Any]:
+        """Replies of ``calls``, in order; DependencyUnavailable when Redis is down or busy."""
+        for attempt in (0, 1):
+            if len(self._shas) < len(self._sources):
+                await self.load()
+            shas = self._shas
+            commands = [("EVALSHA", shas[name], len(keys), *keys, *args) for name, keys, args in calls]
+            try:
+                return await guarded(self.resp.execute(commands), what)
+            except NoScriptError:
+                if attempt:
+                    raise
+                self._shas = {}
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self.resp.aclose()

@@ -23,12 +23,11 @@ from typing import Any
 
 import orjson
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
 
 from rtml.core import metrics
 from rtml.core.config import FeatureDef, PlatformConfig
 from rtml.core.errors import InvalidInput, NotFound
-from rtml.core.redis import Keys, Redis, Resp, guarded
+from rtml.core.redis import Keys, Redis, Scripts
 from rtml.core.schemas import Event
 from rtml.core.timeutil import now_ms
 from rtml.features.plan import EntityPlan, Plan, Planner, encode_ops, plan_batch
@@ -87,7 +86,6 @@ class FeatureStore:
         apply_chunk: int = 200,
     ) -> None:
         self.redis = redis
-        self.resp = Resp.like(redis)  # the Lua calls (apply and read) go through the lean client
         self.keys = keys
         self.config = config
         self.dedup_horizon_ms = max(dedup_horizon_ms, config.longest_window_ms)
@@ -95,18 +93,14 @@ class FeatureStore:
         self.cluster = cluster
         self.apply_chunk = apply_chunk
         self._planner = Planner(config)
-        self._apply_src = _script("apply.lua")
-        self._read_src = _script("read.lua")
-        self._apply_sha: str | None = None
+        self.scripts = Scripts(redis, {"apply": _script("apply.lua"), "read": _script("read.lua")})
         self._plans: dict[tuple[str, tuple[str, ...] | None], _ReadPlan] = {}
-        self._read_sha: str | None = None
 
     async def aclose(self) -> None:
-        await self.resp.aclose()
+        await self.scripts.aclose()
 
     async def load_scripts(self) -> None:
-        self._apply_sha = await guarded(self.redis.script_load(self._apply_src), "SCRIPT LOAD")
-        self._read_sha = await guarded(self.redis.script_load(self._read_src), "SCRIPT LOAD")
+        await self.scripts.load()
 
     # -- write path ---------------------------------------------------------------------------------
     def _apply_groups(self, plan: Plan, now: int, *, per_event: bool = False
@@ -273,20 +267,9 @@ class FeatureStore:
         return out
 
     async def run_calls(self, calls: list[Call]) -> list[Any]:
-        """Run apply/read calls in order in ONE pipeline (Redis runs them in that order, so a read placed
-        after an apply sees it); reload the scripts once if Redis lost them (a restart)."""
-        for attempt in (0, 1):
-            if self._apply_sha is None or self._read_sha is None:
-                await self.load_scripts()
-            shas = {"apply": self._apply_sha, "read": self._read_sha}
-            commands = [("EVALSHA", shas[which], len(keys), *keys, *args) for which, keys, args in calls]
-            try:
-                return await guarded(self.resp.execute(commands), "feature store call")
-            except NoScriptError:
-                if attempt:
-                    raise
-                self._apply_sha = self._read_sha = None
-        raise AssertionError("unreachable")
+        """Run apply/read calls in order in ONE round trip (Redis runs them in that order, so a read placed
+        after an apply sees it)."""
+        return await self.scripts.run(calls, "feature store call")
 
     # -- building blocks for replays (backfill) --------------------------------------------------------
     def apply_calls(self, events: list[Event], now: int) -> list[Call]:

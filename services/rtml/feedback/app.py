@@ -27,6 +27,7 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
         redis = connect(settings)
         stack.push_async_callback(redis.aclose)
         joiner = Joiner(settings, redis, producer)
+        stack.push_async_callback(joiner.store.aclose)
         loop: ConsumerLoop[Incoming] = ConsumerLoop(
             settings,
             name="feedback-join",

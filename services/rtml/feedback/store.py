@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rtml.core.redis import Keys, Redis, guarded, load_script
+from rtml.core.redis import Call, Keys, Redis, Scripts, script_source
 from rtml.feedback.join import Side, Slot
 
 
@@ -48,22 +48,18 @@ class JoinStore:
         self.redis = redis
         self.keys = keys
         self.join_ttl_ms = join_ttl_ms
-        self._script = load_script(redis, "rtml.feedback", "join.lua")
+        self.scripts = Scripts(redis, {"join": script_source("rtml.feedback", "join.lua")})
+
+    async def aclose(self) -> None:
+        await self.scripts.aclose()
 
     async def apply(self, records: Sequence[Apply]) -> list[Slot]:
-        """Apply the records in order (one pipelined round trip); each script call is atomic."""
+        """Apply the records in order (one round trip); each script call is atomic."""
         if not records:
             return []
-
-        async def go() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for r in records:
-                    await self._script(
-                        keys=[slot_key(self.keys, r.prediction_id)],
-                        args=[r.side, r.lane, r.value, r.token, self.join_ttl_ms],
-                        client=pipe,
-                    )
-                return list(await pipe.execute())
-
-        replies = await guarded(go(), "join script")
+        ttl = self.join_ttl_ms
+        calls: list[Call] = [
+            ("join", [slot_key(self.keys, r.prediction_id)], [r.side, r.lane, r.value, r.token, ttl]) for r in records
+        ]
+        replies = await self.scripts.run(calls, "join script")
         return [_slot(reply) for reply in replies]
