@@ -232,11 +232,15 @@ class FeatureStore:
         return [self.decode_row(entity, names, flat) for (entity, _, names), flat in zip(requests, raw, strict=True)]
 
     async def read_raw(
-        self, requests: Sequence[tuple[str, str, Sequence[str] | None]], as_of: int | None = None
+        self,
+        requests: Sequence[tuple[str, str, Sequence[str] | None]],
+        as_of: int | None = None,
+        *,
+        updated_at: bool = True,
     ) -> list[list[Any]]:
         """Undecoded reads, one list per request: a raw value per feature (in the read plan's order), then
-        when the entity last changed; empty for a request of no features. One Lua call reads every entity
-        (on a cluster, one call per hash slot), all in one round trip."""
+        (with ``updated_at``) when the entity last changed; empty for a request of no features. One Lua call
+        reads every entity (on a cluster, one call per hash slot), all in one round trip."""
         as_of = now_ms() if as_of is None else as_of
         groups: dict[int, tuple[list[str], list[int], list[int]]] = {}  # slot -> keys, spec no., request no.
         specs: dict[bytes, int] = {}
@@ -258,7 +262,10 @@ class FeatureStore:
         if not groups:
             return out
         spec_doc = b"[" + b",".join(specs) + b"]"
-        calls: list[Call] = [("read", keys, [as_of, spec_doc, orjson.dumps(nos)]) for keys, nos, _ in groups.values()]
+        flag = b"1" if updated_at else b"0"
+        calls: list[Call] = [
+            ("read", keys, [as_of, spec_doc, orjson.dumps(nos), flag]) for keys, nos, _ in groups.values()
+        ]
         with _READ_SECONDS.time():
             results = await self.run_calls(calls)
         for (_, _, positions), rows in zip(groups.values(), results, strict=True):

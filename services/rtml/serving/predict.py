@@ -14,7 +14,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,9 @@ from rtml.serving.inference.live import LiveModels
 from rtml.serving.inference.session import LoadedModel
 from rtml.serving.predictlog import Logged, PredictionLog
 
-Source = tuple[str, tuple[str, ...], tuple[int, ...]]  # (entity, stored features to read, their columns)
+Decoder = Callable[[bytes], Any]
+# (entity, stored features to read, their columns, how to decode each raw value)
+Source = tuple[str, tuple[str, ...], tuple[int, ...], tuple[Decoder, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,10 @@ class Predictor:
             fd = self.config.features.get(name)
             if fd is not None:  # an input the platform does not compute comes from the request or defaults
                 by_entity.setdefault(fd.entity, []).append(name)
-        sources = tuple((e, tuple(names), tuple(column[n] for n in names)) for e, names in by_entity.items())
+        sources = tuple(
+            (e, tuple(names), tuple(column[n] for n in names), self.store.decoders(e, names))
+            for e, names in by_entity.items()
+        )
         template = tuple(model.defaults.get(name, 0.0) for name in model.features)
         inputs = self._inputs[model.name] = _Inputs(
             model, column, template, sources, metrics.PREDICTIONS.labels(model.name, model.version),
@@ -99,25 +104,22 @@ class Predictor:
             return [], False
         try:
             if deadline is None:
-                return await self.store.read_raw(requests), False
+                return await self.store.read_raw(requests, updated_at=False), False
             budget = deadline - asyncio.get_running_loop().time()
             if budget <= 0:
                 raise TimeoutError
             async with asyncio.timeout(budget):
-                return await self.store.read_raw(requests), False
+                return await self.store.read_raw(requests, updated_at=False), False
         except DependencyUnavailable:
             return [[] for _ in requests], True
         except TimeoutError:
             metrics.SERVING_DEADLINE_EXCEEDED.labels(model=model.name).inc()
             return [[] for _ in requests], True
 
-    def _fill(self, row: list[float], entity: str, names: Sequence[str], columns: Sequence[int], flat: list[Any]
-              ) -> None:  # fmt: skip
+    @staticmethod
+    def _fill(row: list[float], columns: Sequence[int], decoders: Sequence[Decoder], flat: list[Any]) -> None:
         """Put one entity's stored values (raw, as read) into their columns; missing ones keep the default."""
-        if not flat:
-            return
-        decoders = self.store.decoders(entity, names)
-        for col, dec, raw in zip(columns, decoders, flat, strict=False):  # flat ends with updated_at
+        for col, dec, raw in zip(columns, decoders, flat, strict=False):  # flat is empty when degraded
             if raw is not None:
                 value = as_float(dec(raw))
                 if value is not None:
@@ -150,8 +152,8 @@ class Predictor:
                 row[col] = x  # type: ignore[index]
                 given.add(key)
         reads: list[tuple[str, str, Sequence[str]]] = []
-        cols: list[Sequence[int]] = []
-        for entity, names, columns in inputs.sources:
+        fills: list[tuple[Sequence[int], Sequence[Decoder]]] = []
+        for entity, names, columns, decoders in inputs.sources:
             entity_id = self.config.entity_id(entity, entities)
             if entity_id is None:
                 continue
@@ -159,14 +161,15 @@ class Predictor:
                 keep = [i for i, n in enumerate(names) if n not in given]
                 if not keep:
                     continue
-                reads.append((entity, entity_id, tuple(names[i] for i in keep)))
-                cols.append(tuple(columns[i] for i in keep))
-            else:
-                reads.append((entity, entity_id, names))
-                cols.append(columns)
+                if len(keep) < len(names):
+                    names = tuple(names[i] for i in keep)
+                    columns = tuple(columns[i] for i in keep)
+                    decoders = self.store.decoders(entity, names)
+            reads.append((entity, entity_id, names))
+            fills.append((columns, decoders))
         raw, degraded = await self._read(model, reads, deadline)
-        for (entity, _, read_names), read_cols, flat in zip(reads, cols, raw, strict=True):
-            self._fill(row, entity, read_names, read_cols, flat)
+        for (cols, decs), flat in zip(fills, raw, strict=True):
+            self._fill(row, cols, decs, flat)
         [score] = self._infer(inputs, [row])
         pid = os.urandom(16).hex()
         self._count(inputs, 1, degraded)
@@ -189,11 +192,10 @@ class Predictor:
         per_user: list[tuple[Source, int]] = []
         per_item: list[Source] = []
         for src in inputs.sources:
-            entity, names, _ = src
-            entity_id = self.config.entity_id(entity, user)
+            entity_id = self.config.entity_id(src[0], user)
             if entity_id is not None:
                 per_user.append((src, len(reads)))
-                reads.append((entity, entity_id, names))
+                reads.append((src[0], entity_id, src[1]))
             else:
                 per_item.append(src)
         item_reads: list[list[tuple[Source, int]]] = []  # per item: (source, position in reads)
@@ -207,13 +209,13 @@ class Predictor:
                     reads.append((src[0], entity_id, src[1]))
             item_reads.append(mine)
         raw, degraded = await self._read(model, reads, deadline)
-        for (entity, names, columns), at in per_user:
-            self._fill(shared, entity, names, columns, raw[at])
+        for src, at in per_user:
+            self._fill(shared, src[2], src[3], raw[at])
         rows: list[list[float]] = []
         for mine in item_reads:
-            row = list(shared)
-            for (entity, names, columns), at in mine:
-                self._fill(row, entity, names, columns, raw[at])
+            row = shared.copy()
+            for src, at in mine:
+                self._fill(row, src[2], src[3], raw[at])
             rows.append(row)
         scores = self._infer(inputs, rows) if rows else []
         order = sorted(range(len(items)), key=lambda i: -scores[i])[:k]

@@ -2,14 +2,16 @@
 -- KEYS = entity key bases (their hash tags route the call: on a cluster the client sends one call per slot);
 -- the feature hashes of an entity are its base .. ':f:' .. name.
 -- ARGV[1] = as_of; ARGV[2] = JSON [spec, ...], spec = [[name, kind, tile_ms, n_tiles (0 = lifetime)], ...]
--- (each cached by the client); ARGV[3] = JSON [spec number (1-based) of each key].
+-- (each cached by the client); ARGV[3] = JSON [spec number (1-based) of each key]; ARGV[4] (optional) = '0'
+-- to leave out when each entity last changed (serving does not need it).
 -- Returns one array per key: one value per feature of its spec (a number as text, JSON text for 'l', or nil
--- when empty), then the time the entity last changed (epoch ms as text, or nil).
+-- when empty), then (unless ARGV[4] is '0') the time the entity last changed (epoch ms as text, or nil).
 -- Field names (see apply.lua): a bare tile number, or one letter then the tile (s/c mean, n/d ratio, t/v last),
 -- or 'tile|value' (exact distinct); '_p' is apply.lua's bookkeeping.
 local as_of = tonumber(ARGV[1])
 local specs = cjson.decode(ARGV[2])
 local which = cjson.decode(ARGV[3])
+local with_updated = ARGV[4] ~= '0'
 local byte, sub, find, tonum = string.byte, string.sub, string.find, tonumber
 local function num(x) return string.format('%.17g', x) end
 
@@ -78,7 +80,7 @@ local function read_entity(base, spec)
     end
     out[k] = r
   end
-  out[#spec + 1] = redis.call('GET', base .. ':u') or false
+  if with_updated then out[#spec + 1] = redis.call('GET', base .. ':u') or false end
   return out
 end
 
