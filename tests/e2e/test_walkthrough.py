@@ -150,7 +150,9 @@ async def test_the_whole_loop_over_http(platform: Platform) -> None:
             ri = await http.get(f"{u['features']}/v1/features/item/{item}")
             assert ru.status_code == ri.status_code == 200, (ru.text, ri.text)
             user_f, item_f = ru.json()["features"], ri.json()["features"]
-            if user_f["user_clicks_5m"] == 1 and item_f["item_ctr_1h"] is not None:
+            # the other user's view sits on another partition: wait until every event is applied
+            ctr = item_f["item_ctr_1h"]
+            if user_f["user_clicks_5m"] == 1 and ctr is not None and abs(ctr - 0.5) < 1e-9:
                 break
             assert time.monotonic() < deadline, (user_f, item_f)
             await asyncio.sleep(0.05)
