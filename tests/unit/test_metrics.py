@@ -1,12 +1,14 @@
-"""observe_many must leave a histogram exactly as one observe() per value would."""
+"""observe_many must leave a histogram exactly as one observe() per value would; GC pauses are timed."""
 
 from __future__ import annotations
+
+import gc
 
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
-from rtml.core.metrics import LATENCY_BUCKETS, observe_many
+from rtml.core.metrics import GC_PAUSE_SECONDS, LATENCY_BUCKETS, observe_many, watch_gc
 
 
 def _state(h: Histogram, registry: CollectorRegistry) -> dict[str, float]:
@@ -26,3 +28,15 @@ def test_observe_many_equals_observe_one_by_one(values: list[float]) -> None:
     for k in sa:
         if "created" not in k:
             assert abs(sa[k] - sb[k]) <= 1e-9 * max(1.0, abs(sa[k])), k
+
+
+def test_every_collection_is_timed_once_per_generation() -> None:
+    def collections(gen: int) -> float:
+        return sum(b.get() for b in GC_PAUSE_SECONDS.labels(str(gen))._buckets)
+
+    watch_gc()
+    watch_gc()  # idempotent: one callback, not two
+    before = [collections(g) for g in range(3)]
+    gc.collect(2)
+    gc.collect(0)
+    assert [collections(g) - before[g] for g in range(3)] == [1.0, 0.0, 1.0]

@@ -156,6 +156,7 @@ def build_app(
             # Young collections every 10,000 allocations instead of 700: a predict request allocates a few
             # hundred objects, so the default collected every couple of requests, on the request path.
             gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+            metrics.watch_gc()
             yield
 
     app = app_class(

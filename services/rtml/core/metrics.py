@@ -6,6 +6,8 @@ process; ``service`` labels the HTTP metrics so one dashboard query covers all f
 
 from __future__ import annotations
 
+import gc
+import time
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable
@@ -88,6 +90,12 @@ MODEL_POLL_ERRORS = Counter("rtml_model_poll_errors_total", "Registry polls that
 PREDICTION_LOG_PENDING = Gauge("rtml_prediction_log_pending", "Prediction records waiting to be published.")
 MODEL_LIVE_VERSION = Gauge("rtml_model_live_info", "1 for the version each replica serves.", ["model", "version"])
 
+# process
+GC_PAUSE_SECONDS = Histogram(
+    "rtml_gc_pause_seconds", "Garbage-collector pauses by generation (a request waits through them).",
+    ["generation"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+
 # feedback
 OUTCOMES = Counter("rtml_outcomes_total", "Outcomes by join result.", ["result"])
 EXAMPLES = Counter("rtml_examples_total", "Joined examples published.", ["model"])
@@ -108,3 +116,20 @@ def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
         buckets[bisect_left(bounds, value)].inc(n)
         total += value * n
     histogram._sum.inc(total)  # noqa: SLF001
+
+
+def watch_gc() -> None:
+    """Time every garbage collection into GC_PAUSE_SECONDS (idempotent). Tail latency in Python services is
+    mostly GC pauses; this shows whether the thresholds set at start-up keep them short."""
+    if any(getattr(cb, "__name__", "") == "_rtml_gc_timer" for cb in gc.callbacks):
+        return
+    started = [0.0]
+    children = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+
+    def _rtml_gc_timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            children[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(_rtml_gc_timer)
