@@ -267,3 +267,32 @@ async def test_auth_scopes(make_settings: Any) -> None:
         headers = {"Authorization": "Bearer a"}
         assert (await client.post("/v1/models/ctr/promote", json=promote, headers=headers)).status_code == 200
         assert (await client.get("/v1/models", headers={"Authorization": "Bearer r"})).status_code == 200
+
+
+async def test_recommend_reads_pair_features_per_candidate(fast: Settings) -> None:
+    """A model on a user x item feature: each candidate's row holds its own pair's stored value."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LinearRegression
+
+    x = np.array([[a, b] for a in range(5) for b in range(5)], dtype=np.float32)
+    reg = LinearRegression().fit(x, x[:, 1])  # the score is the pair's click count
+    onnx_bytes = to_onnx(reg, x[:1]).SerializeToString()
+    redis = connect(fast)
+    try:
+        registry = ModelRegistry(redis, Keys(fast.redis.key_prefix))
+        meta = {"features": ["user_clicks_5m", "user_item_clicks_24h"], "task": "regression"}
+        version = await registry.register("pairs", onnx_bytes, meta)
+        await registry.promote("pairs", version)
+    finally:
+        await redis.aclose()
+    now = now_ms()
+    events = [ev(i, "click", "pu", "hot", now - 1000) for i in range(3)] + [ev(0, "click", "pu", "cold", now - 1000)]
+    events += [ev(i, "click", "other", "cold", now - 1000) for i in range(5)]  # another user's pair: not pu's
+    await write_events(fast, events)
+    async with running(create_app(fast)) as client:
+        body = {"model": "pairs", "user_id": "pu", "candidates": ["cold", "new", "hot"], "k": 3}
+        resp = await client.post("/v1/recommend", json=body)
+        assert resp.status_code == 200, resp.text
+        got = {i["item_id"]: i["score"] for i in resp.json()["items"]}
+        assert list(got) == ["hot", "cold", "new"]
+        assert got == pytest.approx({"hot": 3.0, "cold": 1.0, "new": 0.0}, abs=1e-4)

@@ -198,15 +198,19 @@ class Predictor:
                 reads.append((src[0], entity_id, src[1]))
             else:
                 per_item.append(src)
+        # item and pair entities: their ids from (user_id, item_id) as config.entity_id joins them, without a
+        # dict per candidate; an entity keyed by anything else is not known for a candidate
+        keyed = [(src, self.config.entities[src[0]].key_fields) for src in per_item]
+        keyed = [(src, fields) for src, fields in keyed if set(fields) <= {"user_id", "item_id"}]
         item_reads: list[list[tuple[Source, int]]] = []  # per item: (source, position in reads)
         for item in items:
-            pair = {"user_id": user_id, "item_id": item}
             mine = []
-            for src in per_item:
-                entity_id = self.config.entity_id(src[0], pair)
-                if entity_id is not None:
-                    mine.append((src, len(reads)))
-                    reads.append((src[0], entity_id, src[1]))
+            for src, fields in keyed:
+                entity_id = item if fields == ("item_id",) else "|".join(
+                    user_id if f == "user_id" else item for f in fields
+                )  # fmt: skip
+                mine.append((src, len(reads)))
+                reads.append((src[0], entity_id, src[1]))
             item_reads.append(mine)
         raw, degraded = await self._read(model, reads, deadline)
         for src, at in per_user:
