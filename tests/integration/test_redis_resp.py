@@ -146,3 +146,20 @@ def test_works_on_uvloop(redis_url: str) -> None:
             return await asyncio.gather(*(resp.execute([["ECHO", str(i)]]) for i in range(50)))
 
     assert uvloop.run(main()) == [[str(i).encode()] for i in range(50)]
+
+
+async def test_callers_that_give_up_while_it_connects_leave_one_connection(own_redis: embedded.Managed) -> None:
+    """SELECT (a non-zero db) is part of connecting; callers cancelled meanwhile must not leak sockets."""
+    url = f"redis://127.0.0.1:{own_redis.port}/3"
+    slow = "local t = redis.call('TIME'); local s = t[1] * 1e6 + t[2]; " \
+           "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 100000; return 1"  # fmt: skip
+    async with resp_for(url) as (resp, admin):
+        before = len(await admin.client_list())
+        for _ in range(5):
+            stall = asyncio.create_task(admin.eval(slow, 0))  # the server is busy: SELECT waits
+            await asyncio.sleep(0.01)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(resp.execute([["PING"]]), 0.03)  # a serving-like deadline
+            await stall
+        assert await resp.execute([["PING"]]) == [b"PONG"]
+        assert len(await admin.client_list()) == before + 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -15,10 +16,11 @@ from typing import Any, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser  # redis-py's own reply-error mapping
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import SSLConnection
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rtml.core.errors import DependencyUnavailable
@@ -128,10 +130,11 @@ def pack_commands(commands: Sequence[Sequence[Arg]]) -> bytes:
     return b"".join(out)
 
 
-def reply_error(err: hiredis.ReplyError) -> ResponseError:
-    """The redis-py exception for an error reply, so ``guarded`` and NOSCRIPT handling treat both clients alike."""
-    msg = str(err)
-    return NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg)
+def reply_error(err: hiredis.ReplyError) -> RedisError:
+    """The exception redis-py raises for the same error reply (NoScriptError, AuthenticationError,
+    BusyLoadingError, ReadOnlyError, ...), so ``guarded`` and the NOSCRIPT reload treat both clients alike."""
+    exc: RedisError = BaseParser.parse_error(str(err))  # type: ignore[no-untyped-call]
+    return exc
 
 
 class _Waiter:
@@ -252,7 +255,8 @@ class Resp:
         self.timeout_s = timeout_s
         self.max_pending = max_pending
         self._conn: _RespProtocol | None = None
-        self._lock = asyncio.Lock()
+        self._connecting: asyncio.Task[_RespProtocol] | None = None
+        self._closed = False
 
     @classmethod
     def like(cls, client: Redis, *, timeout_s: float | None = None) -> Resp:
@@ -274,43 +278,60 @@ class Resp:
         return self.path or f"{self.host}:{self.port}"
 
     async def _connect(self) -> _RespProtocol:
-        async with self._lock:
-            conn = self._conn
-            if conn is not None and conn.lost is None:
-                return conn
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(self.timeout_s):
-
-                    def factory() -> _RespProtocol:
-                        return _RespProtocol(self.timeout_s)
-
-                    if self.path:
-                        _, conn = await loop.create_unix_connection(factory, self.path)
-                    else:
-                        _, conn = await loop.create_connection(
-                            factory, self.host, self.port, ssl=self._ssl,
-                            server_hostname=self.host if self._ssl else None,
-                        )  # fmt: skip
-                    hello: list[list[Arg]] = []
-                    if self._password is not None:
-                        user = [self._username] if self._username else []
-                        hello.append(["AUTH", *user, self._password])
-                    if self.db:
-                        hello.append(["SELECT", self.db])
-                    if hello:
-                        try:
-                            await self._send(conn, hello)
-                        except ResponseError as exc:
-                            conn.drop(RedisConnectionError("closed after AUTH/SELECT failed"))
-                            raise RedisConnectionError(f"Redis at {self._where()} refused AUTH/SELECT: {exc}") from exc
-            except (OSError, TimeoutError) as exc:
-                raise RedisConnectionError(f"cannot connect to Redis at {self._where()}: {exc!r}") from exc
-            self._conn = conn
+        """The live connection, or one being opened. Every caller waiting for a connection shares one
+        attempt (a task): a caller that gives up (its deadline) neither aborts it nor leaks it."""
+        conn = self._conn
+        if conn is not None and conn.lost is None:
             return conn
+        task = self._connecting
+        if task is None or task.done():
+            task = self._connecting = asyncio.get_running_loop().create_task(self._open())
+        return await asyncio.shield(task)
+
+    async def _open(self) -> _RespProtocol:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> _RespProtocol:
+            return _RespProtocol(self.timeout_s)
+
+        conn: _RespProtocol | None = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if self.path:
+                    _, conn = await loop.create_unix_connection(factory, self.path)
+                else:
+                    _, conn = await loop.create_connection(
+                        factory, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
+                    )
+                    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+                    if sock is not None:  # a peer or middlebox that vanished is noticed on an idle connection
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                hello: list[list[Arg]] = []
+                if self._password is not None:
+                    user = [self._username] if self._username else []
+                    hello.append(["AUTH", *user, self._password])
+                if self.db:
+                    hello.append(["SELECT", self.db])
+                if hello:
+                    await self._send(conn, hello)
+        except BaseException as exc:
+            if conn is not None:
+                conn.drop(RedisConnectionError("closed: the connection could not be set up"))
+            if isinstance(exc, (ResponseError, AuthenticationError)):
+                raise RedisConnectionError(f"Redis at {self._where()} refused AUTH/SELECT: {exc}") from exc
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise RedisConnectionError(f"cannot connect to Redis at {self._where()}: {exc!r}") from exc
+            raise
+        if self._closed:
+            conn.drop(RedisConnectionError("client closed"))
+            raise RedisConnectionError("the Redis client is closed")
+        self._conn = conn
+        return conn
 
     async def _send(self, conn: _RespProtocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         assert conn.transport is not None
+        if conn.lost is not None:
+            raise type(conn.lost)(str(conn.lost))
         if len(conn.waiters) >= self.max_pending:
             raise RedisConnectionError(f"{len(conn.waiters)} calls already wait for Redis at {self._where()}")
         loop = asyncio.get_running_loop()
@@ -330,6 +351,7 @@ class Resp:
         return await self._send(conn, commands)
 
     async def aclose(self) -> None:
+        self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None and conn.transport is not None:
             conn.transport.close()
@@ -350,24 +372,31 @@ class Scripts:
         self._sources = sources
         self._shas: dict[str, str] = {}
 
-    async def load(self) -> None:
-        for name, source in self._sources.items():
-            self._shas[name] = await guarded(self.client.script_load(source), "SCRIPT LOAD")
+    async def load(self) -> dict[str, str]:
+        """SCRIPT LOAD every script (idempotent: a script's SHA1 is its text's)."""
+        shas = {name: await guarded(self.client.script_load(src), "SCRIPT LOAD") for name, src in self._sources.items()}
+        self._shas = shas
+        return shas
 
     async def run(self, calls: Sequence[Call], what: str = "Lua call") -> list[Any]:
-        """Replies of ``calls``, in order; DependencyUnavailable when Redis is down or busy."""
-        for attempt in (0, 1):
-            if len(self._shas) < len(self._sources):
-                await self.load()
-            shas = self._shas
+        """Replies of ``calls``, in order; DependencyUnavailable when Redis is down or busy. Reloads the
+        scripts once when Redis lost them, and retries once on a broken connection (every rtml script is
+        safe to run again: reads, deduplicated applies, token-checked joins)."""
+        shas = self._shas if len(self._shas) == len(self._sources) else await self.load()
+        reloaded = retried = False
+        while True:
             commands = [("EVALSHA", shas[name], len(keys), *keys, *args) for name, keys, args in calls]
             try:
                 return await guarded(self.resp.execute(commands), what)
             except NoScriptError:
-                if attempt:
+                if reloaded:
                     raise
-                self._shas = {}
-        raise AssertionError("unreachable")
+                reloaded = True
+                shas = await self.load()
+            except DependencyUnavailable as exc:
+                if retried or not isinstance(exc.__cause__, RedisConnectionError):
+                    raise
+                retried = True  # a connection that died while idle: one fresh attempt
 
     async def aclose(self) -> None:
         await self.resp.aclose()

@@ -39,7 +39,7 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
     keys = rredis.Keys(settings.redis.key_prefix)
     redis = rredis.connect(settings)
     registry = ModelRegistry(redis, keys)
-    store = FeatureStore(redis, keys, config)
+    store = FeatureStore(redis, keys, config, cluster=settings.redis.cluster)
     live = LiveModels(registry, config.models)
     try:
         await live.refresh()

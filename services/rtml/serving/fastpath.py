@@ -128,7 +128,12 @@ class FastPath:
             self.in_flight += 1
             try:
                 raw = await self._body(receive, length)
-                request = route.adapter.validate_json(raw)
+                try:
+                    request = route.adapter.validate_json(raw)
+                except ValidationError as exc:  # the caller's body only: a ValidationError deeper is a 500
+                    details = validation_details(exc)
+                    err = {"code": "invalid", "message": "request does not validate", "details": details}
+                    return 422, orjson.dumps({"error": err}), []
                 payload = await route.handler(self.state.predictor, request, deadline)
             finally:
                 self.in_flight -= 1
@@ -136,9 +141,6 @@ class FastPath:
         except RtmlError as exc:
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
             return exc.status, orjson.dumps(exc.to_body()), extra
-        except ValidationError as exc:
-            err = {"code": "invalid", "message": "request does not validate", "details": validation_details(exc)}
-            return 422, orjson.dumps({"error": err}), []
         except ClientGone:
             raise
         except Exception:
