@@ -47,7 +47,7 @@ def test_train_model_metadata_and_loadable() -> None:
     md = trained.metadata
     assert md["features"] == ["user_clicks_5m", "item_ctr_1h", "user_items_24h"]
     assert md["defaults"] == {"item_ctr_1h": 0.0}
-    assert md["task"] == "binary"
+    assert md["task"] == "binary_classification"
     assert md["metrics"]["auc"] > 0.6 and md["metrics"]["logloss"] > 0
     assert md["created_at"] > 0 and md["created_by"]
     model = build_model("ctr", "1", trained.onnx_bytes, md)

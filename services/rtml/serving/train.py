@@ -260,7 +260,7 @@ def train_model(
     metadata: dict[str, Any] = {
         "features": features,
         "defaults": defaults,
-        "task": "binary",
+        "task": "binary_classification",  # the registry's default task name (registry.DEFAULT_TASK)
         "metrics": {k: v for k, v in stats.items() if not (isinstance(v, float) and math.isnan(v))},
         "source": str(examples) if examples is not None else "synthetic",
         "algorithm": "sklearn.GradientBoostingClassifier",
