@@ -9,25 +9,17 @@ read is one Redis round trip.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import typer
-import uvicorn
 from typer.testing import CliRunner
 
 from rtml.bench import BENCHES, arun_bench, bench_read
 from rtml.cli.bench import bench as bench_cmd
-from rtml.core.config import load_config
-from rtml.core.embedded import free_port
-from rtml.core.redis import Keys, connect
+from rtml.core.redis import connect
 from rtml.core.settings import Settings
-from rtml.serving.app import create_app
-from rtml.serving.registry import ModelRegistry
-from rtml.serving.train import DEMO_CONFIG, train_model
 
 pytestmark = pytest.mark.integration
 
@@ -76,33 +68,6 @@ async def test_unknown_benchmark_is_a_clear_error(settings: Settings) -> None:
 
 
 # --- predict / recommend against a real serving app and the shipped baseline -------------------------------
-
-
-@pytest.fixture
-async def serving(settings: Settings) -> AsyncIterator[Settings]:
-    """A registered demo model and the serving app under uvicorn on a free loopback port."""
-    redis = connect(settings)
-    try:
-        t = train_model(load_config(DEMO_CONFIG), "ctr", n_synthetic=2_000, seed=0)
-        registry = ModelRegistry(redis, Keys(settings.redis.key_prefix))
-        await registry.promote("ctr", await registry.register("ctr", t.onnx_bytes, t.metadata))
-    finally:
-        await redis.aclose()
-    s = settings.model_copy(update={"serving_port": free_port()})
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(s), host=s.host, port=s.serving_port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(300):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    assert server.started
-    try:
-        yield s
-    finally:
-        server.should_exit = True
-        await task
 
 
 def _check_level(level: dict[str, Any], concurrency: int, rounds: int) -> None:

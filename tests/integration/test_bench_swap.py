@@ -17,7 +17,6 @@ from rtml.cli.bench import bench as bench_cmd
 from rtml.core.redis import Keys, connect
 from rtml.core.settings import Settings
 from rtml.serving.registry import ModelRegistry
-from tests.integration.test_bench import serving  # noqa: F401 - the fixture: a demo model served by uvicorn
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +32,7 @@ async def _registry_state(settings: Settings) -> tuple[str | None, list[dict[str
         await redis.aclose()
 
 
-async def test_bench_predict_swap_observes_the_promotion(serving: Settings) -> None:  # noqa: F811
+async def test_bench_predict_swap_observes_the_promotion(serving: Settings) -> None:
     live_before, _ = await _registry_state(serving)
     out = await arun_bench(
         "predict", serving, swap=True, duration_s=3.0, rounds=2, concurrency=4, users=10, items=10, client="auto"
