@@ -7,9 +7,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
 
 from rtml.core.app import ReadinessCheck, build_app
 from rtml.core.settings import Settings
+
+
+class Body(BaseModel):
+    text: str
 
 
 @contextlib.asynccontextmanager
@@ -50,3 +55,26 @@ async def test_an_override_applies_to_its_paths_only() -> None:
         assert (await client.post("/small", content=b"x" * 101)).status_code == 413
         assert (await client.post("/big/a/more", content=b"x" * 101)).status_code == 413
         assert (await client.post("/small", content=chunks(2))).status_code == 413
+
+
+async def test_a_chunked_body_over_the_limit_is_413_on_a_validated_route_too() -> None:
+    """FastAPI turns any error while reading a body for a pydantic model into 400; the limit still says 413."""
+    app = build_app("ingest", Settings(max_body_bytes=100), _nothing)
+
+    @app.post("/model")
+    async def model(body: Body) -> dict[str, int]:
+        return {"size": len(body.text)}
+
+    async def big_json() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(5):
+            yield b"x" * 64
+        yield b'"}'
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        resp = await client.post("/model", content=big_json(), headers={"content-type": "application/json"})
+        assert resp.status_code == 413, resp.text
+        assert resp.json()["error"]["code"] == "payload_too_large"
+        ok = await client.post("/model", json={"text": "short"})
+        assert ok.status_code == 200 and ok.json() == {"size": 5}

@@ -120,17 +120,30 @@ class BodyLimitMiddleware:
                     await resp(scope, receive, send)
                     return
         seen = 0
+        over = False
+        answered = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    over = True
                     raise PayloadTooLarge(f"request body is over {limit} bytes")
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def checked_send(message: Message) -> None:
+            # FastAPI answers any error raised while reading a body for a pydantic model with 400: once the
+            # limit was crossed, whatever the app answers becomes the 413 it is.
+            nonlocal answered
+            if not over:
+                await send(message)
+            elif not answered and message["type"] == "http.response.start":
+                answered = True
+                await error_response(PayloadTooLarge(f"request body is over {limit} bytes"))(scope, receive, send)
+
+        await self.app(scope, limited_receive, checked_send)
 
 
 def build_app(
