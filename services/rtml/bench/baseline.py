@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from rtml.bench.common import BenchError
-from rtml.core.embedded import free_port
+from rtml.core.embedded import die_with_parent, free_port
 from rtml.core.redis import connect
 from rtml.core.settings import Settings
 
@@ -94,6 +94,7 @@ async def running_baseline(
                     sys.executable, str(app), "--host", host, "--port", str(port), "--redis-url", redis_url,
                     "--prefix", prefix, "--features", str(n_features),
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                    preexec_fn=die_with_parent,  # a killed bench (or test run) leaves no baseline server behind
                 )  # fmt: skip
             try:
                 await _wait_up(proc, f"http://{host}:{port}", log)

@@ -99,7 +99,7 @@ class Managed:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the parent dies (Linux), so a ``kill -9`` of ``rtml up``
     or of a test run does not leave a broker or redis-server behind. Elsewhere a no-op."""
     if sys.platform.startswith("linux"):
@@ -123,7 +123,7 @@ def start_broker(port: int | None = None, log_dir: Path | None = None) -> Manage
     proc = subprocess.Popen(  # noqa: S603 - our own resolved binary, fixed arguments
         [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
          "--storage-engine", "memory://tansu/"],
-        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
     )  # fmt: skip
     if isinstance(out, int) and out > 2:
         os.close(out)
@@ -144,7 +144,7 @@ def start_redis(port: int | None = None, log_dir: Path | None = None) -> Managed
     proc = subprocess.Popen(  # noqa: S603
         [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--protected-mode", "no"],
-        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
     )  # fmt: skip
     if isinstance(out, int) and out > 2:
         os.close(out)
