@@ -10,7 +10,7 @@ import gc
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
@@ -50,11 +50,13 @@ def error_response(exc: RtmlError) -> JSONBytes:
     return JSONBytes(exc.to_body(), status_code=exc.status, headers=exc.headers())
 
 
-def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
-    return [
+def invalid_body(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The 422 body for pydantic errors (FastAPI's or pydantic's own): each bad field as a dotted path."""
+    details = [
         {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"), "message": err.get("msg", "")}
-        for err in exc.errors()
+        for err in errors
     ]
+    return {"error": {"code": "invalid", "message": "request does not validate", "details": details}}
 
 
 class MetricsMiddleware:
@@ -187,9 +189,7 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONBytes:
-        body = {"error": {"code": "invalid", "message": "request does not validate",
-                          "details": _validation_details(exc)}}  # fmt: skip
-        return JSONBytes(body, status_code=422)
+        return JSONBytes(invalid_body(exc.errors()), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONBytes:

@@ -259,7 +259,7 @@ class Resp:
         self._closed = False
 
     @classmethod
-    def like(cls, client: Redis, *, timeout_s: float | None = None) -> Resp:
+    def like(cls, client: Redis) -> Resp:
         """A client for the same server, database and credentials as a redis-py client."""
         pool = client.connection_pool
         kw = pool.connection_kwargs
@@ -269,7 +269,7 @@ class Resp:
             if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-        timeout = timeout_s or kw.get("socket_timeout") or 2.0
+        timeout = kw.get("socket_timeout") or 2.0
         return cls(kw.get("host", "127.0.0.1"), int(kw.get("port", 6379)), db=int(kw.get("db") or 0),
                    username=kw.get("username"), password=kw.get("password"), path=kw.get("path"),
                    ssl_context=ctx, timeout_s=float(timeout))  # fmt: skip

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import orjson
@@ -27,7 +26,7 @@ from redis.crc import key_slot
 from rtml.core import metrics
 from rtml.core.config import FeatureDef, PlatformConfig
 from rtml.core.errors import InvalidInput, NotFound
-from rtml.core.redis import Keys, Redis, Scripts
+from rtml.core.redis import Keys, Redis, Scripts, script_source
 from rtml.core.schemas import Event
 from rtml.core.timeutil import now_ms
 from rtml.features.plan import EntityPlan, Plan, Planner, encode_ops, plan_batch
@@ -46,16 +45,11 @@ def kind_of(f: FeatureDef) -> str:
     return "h" if f.approx else _KIND[f.agg]
 
 
-def _script(name: str) -> str:
-    return resources.files("rtml.features").joinpath("lua", name).read_text(encoding="utf-8")
-
-
 @dataclass(frozen=True, slots=True)
 class _ReadPlan:
     feats: tuple[tuple[str, FeatureDef], ...]
     spec: bytes
-    decoders: tuple[tuple[str, Callable[[bytes], FeatureValue]], ...]
-    decode: tuple[Callable[[bytes], FeatureValue], ...]  # the same decoders, without the names
+    decoders: tuple[Callable[[bytes], FeatureValue], ...]  # one per feature, in ``feats`` order
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +87,8 @@ class FeatureStore:
         self.cluster = cluster
         self.apply_chunk = apply_chunk
         self._planner = Planner(config)
-        self.scripts = Scripts(redis, {"apply": _script("apply.lua"), "read": _script("read.lua")})
+        sources = {name: script_source("rtml.features", f"lua/{name}.lua") for name in ("apply", "read")}
+        self.scripts = Scripts(redis, sources)
         self._plans: dict[tuple[str, tuple[str, ...] | None], _ReadPlan] = {}
 
     async def aclose(self) -> None:
@@ -213,7 +208,7 @@ class FeatureStore:
                 raise InvalidInput(f"unknown feature(s) of entity {entity!r}: {', '.join(unknown)}")
             feats = tuple((n, own[n]) for n in names)
         spec = orjson.dumps([[n, kind_of(f), f.tile_ms or 1, f.n_tiles] for n, f in feats])
-        plan = _ReadPlan(feats, spec, tuple((n, _decoder(f)) for n, f in feats), tuple(_decoder(f) for _, f in feats))
+        plan = _ReadPlan(feats, spec, tuple(_decoder(f) for _, f in feats))
         if len(self._plans) < 4096:  # bounded: names come from callers
             self._plans[cache_key] = plan
         return plan
@@ -249,9 +244,10 @@ class FeatureStore:
             if not plan.feats:
                 continue
             key = self.keys.entity(entity, entity_id)
-            group = groups.get(key_slot(key.encode()) if self.cluster else 0)
+            slot = key_slot(key.encode()) if self.cluster else 0
+            group = groups.get(slot)
             if group is None:
-                group = groups[key_slot(key.encode()) if self.cluster else 0] = ([], [], [])
+                group = groups[slot] = ([], [], [])
             spec_no = specs.get(plan.spec)
             if spec_no is None:
                 spec_no = specs[plan.spec] = len(specs) + 1
@@ -290,15 +286,16 @@ class FeatureStore:
 
     def decoders(self, entity: str, names: Sequence[str] | None) -> tuple[Callable[[bytes], FeatureValue], ...]:
         """How to decode each raw value ``read_raw`` returns for (entity, names), in order."""
-        return self._read_plan(entity, names).decode
+        return self._read_plan(entity, names).decoders
 
     def decode_row(self, entity: str, names: Sequence[str] | None, flat: list[Any]) -> FeatureRow:
-        decoders = self._read_plan(entity, names).decoders
+        plan = self._read_plan(entity, names)
         if not flat:  # an entity asked for no features
             return FeatureRow({}, None)
         # flat = one raw value per feature, then when the entity last changed
         values = {
-            name: (None if raw is None else dec(raw)) for (name, dec), raw in zip(decoders, flat[:-1], strict=True)
+            name: (None if raw is None else dec(raw))
+            for (name, _), dec, raw in zip(plan.feats, plan.decoders, flat[:-1], strict=True)
         }
         return FeatureRow(values, None if flat[-1] is None else int(flat[-1]))
 

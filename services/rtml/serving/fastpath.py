@@ -34,6 +34,7 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from rtml.core import metrics
+from rtml.core.app import invalid_body
 from rtml.core.auth import ApiKeys
 from rtml.core.errors import BadRequest, Overloaded, PayloadTooLarge, RtmlError
 from rtml.serving.predict import Predictor
@@ -66,11 +67,6 @@ class _Route:
         if child is None:
             child = self._counts[status] = metrics.HTTP_REQUESTS.labels("serving", self.path, "POST", str(status))
         child.inc()
-
-
-def validation_details(exc: ValidationError) -> list[dict[str, str]]:
-    """The same ``details`` as FastAPI's 422 (see ``rtml.core.app``): dotted field path and message."""
-    return [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
 
 
 class FastPath:
@@ -131,9 +127,7 @@ class FastPath:
                 try:
                     request = route.adapter.validate_json(raw)
                 except ValidationError as exc:  # the caller's body only: a ValidationError deeper is a 500
-                    details = validation_details(exc)
-                    err = {"code": "invalid", "message": "request does not validate", "details": details}
-                    return 422, orjson.dumps({"error": err}), []
+                    return 422, orjson.dumps(invalid_body(exc.errors())), []
                 payload = await route.handler(self.state.predictor, request, deadline)
             finally:
                 self.in_flight -= 1

@@ -164,7 +164,7 @@ class Predictor:
                 if len(keep) < len(names):
                     names = tuple(names[i] for i in keep)
                     columns = tuple(columns[i] for i in keep)
-                    decoders = self.store.decoders(entity, names)
+                    decoders = tuple(decoders[i] for i in keep)
             reads.append((entity, entity_id, names))
             fills.append((columns, decoders))
         raw, degraded = await self._read(model, reads, deadline)
