@@ -111,11 +111,110 @@ class FeatureDef(BaseModel):
         return self.events is None or event_type in self.events
 
 
+class LabelRule(BaseModel):
+    """Labels derived from the event stream (the learning loop, docs/learning-loop.md).
+
+    A prediction of the model gets ``positive`` when an event of one of ``events`` whose fields equal the
+    prediction's entities (``match``: entity key -> event field path) has a ``ts`` in
+    ``[prediction ts, prediction ts + within]``; when none has by then, it gets ``negative`` (``null``:
+    no label at all, e.g. for implicit feedback that only ever confirms).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    events: tuple[str, ...] = Field(min_length=1)
+    match: dict[str, str] = Field(min_length=1)
+    within: str
+    positive: float = 1.0
+    negative: float | None = 0.0
+    within_ms: int = 0  # filled in from ``within``
+
+    @model_validator(mode="before")
+    @classmethod
+    def _within(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "within" in data:
+            data = {**data, "within_ms": parse_duration_ms(data["within"])}
+        return data
+
+
+class QualityDef(BaseModel):
+    """Online quality is computed over the labels of the last ``window`` (tiles of window/60, >= 1 s)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window: str = "1h"
+    window_ms: int = 3_600_000
+    tile_ms: int = 60_000
+
+    @model_validator(mode="before")
+    @classmethod
+    def _widths(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "window" in data:
+            w = parse_duration_ms(data["window"])
+            g = max(1000, (w // 60) // 1000 * 1000)
+            if w % g:
+                w = (w // g) * g
+            data = {**data, "window_ms": w, "tile_ms": g}
+        return data
+
+
+class RetrainPolicy(BaseModel):
+    """When feedback retrains the model by itself from the stored examples (``rtml train --from-examples``).
+
+    Either trigger fires it: ``every_labels`` new labels since the last training, or the live version's
+    windowed quality below ``min_auc`` / above ``max_log_loss`` once it rests on ``min_labels`` labels.
+    A training needs ``min_examples`` stored examples and waits ``cooldown`` after the previous one.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every_labels: int | None = Field(default=None, ge=1)
+    min_auc: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_log_loss: float | None = Field(default=None, gt=0.0)
+    min_labels: int = Field(default=200, ge=1)
+    min_examples: int = Field(default=500, ge=50)
+    cooldown: str = "10m"
+    cooldown_ms: int = 600_000
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cooldown(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "cooldown" in data:
+            data = {**data, "cooldown_ms": parse_duration_ms(data["cooldown"])}
+        return data
+
+
+class RolloutPolicy(BaseModel):
+    """How a registered candidate becomes live (docs/learning-loop.md).
+
+    The candidate serves in shadow (scored, logged, not returned) until ``shadow_labels`` of its predictions
+    are labelled; then, when ``canary_share`` > 0, it serves that share of users (sticky per user) for
+    ``canary_labels`` more. It is promoted only when its ``metric`` over those labels beats the live
+    version's on the very same examples by more than ``min_gain``, and rejected otherwise. After a promotion
+    the previous version stays in shadow for ``guard_labels`` labels; worse by more than ``max_loss``: rollback.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shadow_labels: int = Field(default=500, ge=1)
+    canary_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+    canary_labels: int = Field(default=500, ge=1)
+    metric: Literal["auc", "log_loss"] = "auc"
+    min_gain: float = Field(default=0.0, ge=0.0)
+    guard_labels: int = Field(default=500, ge=0)
+    max_loss: float = Field(default=0.02, ge=0.0)
+    auto_promote: bool = True
+
+
 class ModelDef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     features: tuple[str, ...] = Field(min_length=1)
     defaults: dict[str, float] = Field(default_factory=dict)
+    label: LabelRule | None = None
+    quality: QualityDef = QualityDef()
+    retrain: RetrainPolicy | None = None
+    rollout: RolloutPolicy = RolloutPolicy()
 
 
 class PlatformConfig(BaseModel):

@@ -99,6 +99,39 @@ GC_PAUSE_SECONDS = Histogram(
 # feedback
 OUTCOMES = Counter("rtml_outcomes_total", "Outcomes by join result.", ["result"])
 EXAMPLES = Counter("rtml_examples_total", "Joined examples published.", ["model"])
+RULE_LABELS = Counter(
+    "rtml_rule_labels_total",
+    "Labels derived by a model's label rule: positive, negative, late (an event after the label was given).",
+    ["model", "result"],
+)
+EXAMPLES_STORED = Counter("rtml_examples_stored_total", "Examples written to the Parquet store.", ["model"])
+EXAMPLES_FILES = Counter("rtml_examples_files_total", "Parquet files written by the examples store.")
+EXAMPLES_WRITE_SECONDS = Histogram(
+    "rtml_examples_write_duration_seconds", "Time to write and fsync one batch of Parquet files.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)  # fmt: skip
+MODEL_QUALITY = Gauge(
+    "rtml_model_quality",
+    "Online quality per model version over its quality window: count, positive_rate, mean_score, log_loss, "
+    "auc, calibration_error, score_psi.",
+    ["model", "version", "metric"],
+)
+FEATURE_PSI = Gauge(
+    "rtml_model_feature_psi", "Drift of each input against training (PSI), over the quality window.",
+    ["model", "version", "feature"],
+)  # fmt: skip
+RETRAINS = Counter(
+    "rtml_retrains_total", "Automatic and manual trainings from stored examples.", ["model", "trigger", "result"]
+)
+ROLLOUT_DECISIONS = Counter(
+    "rtml_rollout_decisions_total",
+    "Rollout decisions: shadow, canary, promoted, rejected, rolled_back, kept.",
+    ["model", "decision"],
+)
+SHADOW_PREDICTIONS = Counter(
+    "rtml_shadow_predictions_total", "Scores of a candidate or guard version that were not returned.",
+    ["model", "version"],
+)  # fmt: skip
 
 
 def observe_many(histogram: Histogram, values: Iterable[float]) -> None:

@@ -93,6 +93,7 @@ class Event(BaseModel):
     item_id: str | None = None
     ts: int
     received_at: int
+    source: str | None = None  # None: sent by a caller; "rule": derived by the model's label rule
     properties: dict[str, bool | int | float | str] = Field(default_factory=dict)
 
     def field(self, path: str) -> Any:
@@ -114,6 +115,8 @@ class PredictionLogged(BaseModel):
     degraded: bool
     ts: int
     item_id: str | None = None
+    # scores of the same inputs by versions that did not answer (a candidate in shadow or canary, a guard)
+    shadow: dict[str, float] = Field(default_factory=dict)
 
 
 class OutcomeIn(BaseModel):
@@ -149,6 +152,7 @@ class Outcome(BaseModel):
     item_id: str | None = None
     ts: int
     received_at: int
+    source: str | None = None  # None: sent by a caller; "rule": derived by the model's label rule
 
 
 class Example(BaseModel):
@@ -163,3 +167,5 @@ class Example(BaseModel):
     label: float
     predicted_at: int
     labelled_at: int
+    item_id: str | None = None
+    shadow: dict[str, float] = Field(default_factory=dict)  # version -> score, see PredictionLogged.shadow

@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     predict_max_in_flight: int = Field(default=64, ge=1)
     # feedback: how long a prediction waits for its outcome (and an outcome for its prediction)
     join_ttl: Duration = 3600 * 1000
+    # feedback, label rules: a prediction whose rule window has passed waits this much longer for events
+    # still in flight (ingest -> Kafka -> feedback) before it gets the rule's negative label.
+    label_grace: Duration = 60 * 1000
+    # feedback, examples store: Parquet files partitioned by model and day. Several feedback replicas need
+    # it on shared storage (file names carry partition and offsets, so writers never collide).
+    examples_dir: Path = Path(".rtml/examples")
+    examples_flush_rows: int = Field(default=10_000, ge=1)  # a file is written after this many examples
+    examples_flush_s: float = Field(default=10.0, gt=0)  # ... or this long after the first one buffered
+    # feedback, learning loop: how often quality gauges, retraining triggers and rollout decisions are checked
+    learning_interval_s: float = Field(default=5.0, gt=0)
 
     def port_of(self, service: ServiceName) -> int:
         return int(getattr(self, f"{service}_port"))

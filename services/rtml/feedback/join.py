@@ -97,6 +97,8 @@ def make_example(prediction: PredictionLogged, outcome: Outcome) -> Example:
         label=outcome.label,
         predicted_at=prediction.ts,
         labelled_at=outcome.ts,
+        item_id=prediction.item_id,
+        shadow=prediction.shadow,
     )
 
 
