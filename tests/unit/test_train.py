@@ -134,3 +134,36 @@ def test_a_model_mixing_purchase_and_click_features_gets_generic_columns() -> No
     )
     ts = make_training_set(2_000, seed=1, config=cfg, model_name="mix")
     assert ts.features == ["user_spend_1h", "user_clicks_5m"] and 0 < ts.y.mean() < 1
+
+
+def test_metadata_holds_the_training_reference_distributions_feedback_measures_drift_against() -> None:
+    from rtml.feedback.qualitymath import Reference
+    from rtml.serving.registry import validate_metadata
+
+    trained = train_model(CONFIG, "ctr", n_synthetic=5_000)
+    ref = trained.metadata["reference"]
+    assert set(ref["features"]) == set(trained.metadata["features"])
+    for bins in [ref["score"], *ref["features"].values()]:
+        assert len(bins["hist"]) == len(bins["edges"]) + 1
+        assert bins["edges"] == sorted(set(bins["edges"]))
+        assert sum(bins["hist"]) == pytest.approx(1.0)
+    # holdout scores are continuous: ten bins of about a tenth each
+    assert len(ref["score"]["edges"]) == 9 and max(ref["score"]["hist"]) < 0.15
+    # recent clicks are small counts: deduplicated decile edges, every edge a value that occurs
+    clicks = ref["features"]["user_clicks_5m"]
+    assert len(clicks["edges"]) < 9 and all(e == int(e) for e in clicks["edges"])
+    assert "holdout_scores" not in trained.metadata["metrics"]
+    # the registry keeps it as it is and feedback reads it back
+    parsed = Reference.from_metadata(orjson.loads(orjson.dumps(validate_metadata(trained.metadata))))
+    assert parsed is not None and parsed.score is not None and set(parsed.features) == set(ref["features"])
+
+
+def test_reference_bins_put_each_value_in_the_bin_its_edges_say() -> None:
+    from rtml.serving.train import reference_bins
+
+    values = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3, 9], np.float32)
+    bins = reference_bins(values)
+    assert bins["edges"] == [0.0, 1.0, 2.0, 3.0]  # deciles 0,0,0,0,0,1,1,2,3 (lower), deduplicated
+    assert bins["hist"] == pytest.approx([0.0, 0.5, 0.2, 0.1, 0.2])  # [0,1) [1,2) [2,3) [3,inf)
+    constant = reference_bins(np.full(50, 4.0))
+    assert constant == {"edges": [4.0], "hist": [0.0, 1.0]}

@@ -223,8 +223,31 @@ def fit_classifier(ts: TrainingSet, seed: int) -> tuple[Any, dict[str, Any]]:
         # the holdout score distribution: the reference for online score drift
         "score_mean": float(proba.mean()),
         "score_quantiles": [float(q) for q in np.quantile(proba, [0.1, 0.25, 0.5, 0.75, 0.9])],
+        "holdout_scores": proba,  # for ``reference_distributions``; ``train_model`` keeps it out of the metrics
     }
     return clf, stats
+
+
+REFERENCE_QUANTILES = np.linspace(0.1, 0.9, 9)
+
+
+def reference_bins(values: np.ndarray) -> dict[str, list[float]]:
+    """The deciles of ``values`` as cut points and the share of values in each bin: ``hist[i]`` is the share of
+    ``x`` with ``edges[i-1] <= x < edges[i]`` (``len(hist) == len(edges) + 1``). Cut points are values that
+    occur (``method="lower"``), deduplicated: a discrete input (counts, mostly zeros) has fewer bins."""
+    v = np.asarray(values, np.float64)
+    edges = sorted(set(np.quantile(v, REFERENCE_QUANTILES, method="lower").tolist()))
+    counts = np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1)
+    return {"edges": [float(e) for e in edges], "hist": [float(c) for c in counts / v.size]}
+
+
+def reference_distributions(X: np.ndarray, features: Sequence[str], scores: np.ndarray) -> dict[str, Any]:
+    """What feedback measures online drift against (PSI, ``rtml.feedback.qualitymath``): the holdout score
+    distribution and each training input's distribution (``X`` as the model saw it, defaults filled)."""
+    return {
+        "score": reference_bins(scores),
+        "features": {name: reference_bins(X[:, j]) for j, name in enumerate(features)},
+    }
 
 
 def to_onnx_bytes(clf: Any, n_features: int) -> bytes:
@@ -257,11 +280,13 @@ def train_model(
     else:
         ts = make_training_set(n_synthetic, seed, config, model_name)
     clf, stats = fit_classifier(ts, seed)
+    holdout_scores = stats.pop("holdout_scores")
     metadata: dict[str, Any] = {
         "features": features,
         "defaults": defaults,
         "task": "binary_classification",  # the registry's default task name (registry.DEFAULT_TASK)
         "metrics": {k: v for k, v in stats.items() if not (isinstance(v, float) and math.isnan(v))},
+        "reference": reference_distributions(ts.X, features, holdout_scores),
         "source": str(examples) if examples is not None else "synthetic",
         "algorithm": "sklearn.GradientBoostingClassifier",
         "created_at": now_ms(),
