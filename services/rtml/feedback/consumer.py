@@ -16,18 +16,30 @@ from dataclasses import dataclass
 from aiokafka import ConsumerRecord
 
 from rtml.core import metrics
+from rtml.core.config import load_config
 from rtml.core.errors import UnprocessableRecord
 from rtml.core.kafka import Consumed, Producer, encode
 from rtml.core.redis import Keys, Redis
 from rtml.core.schemas import Outcome, PredictionLogged
 from rtml.core.settings import Settings
 from rtml.feedback import quality
-from rtml.feedback.join import OUTCOME, PREDICTION, Decision, Side, Slot, decide, outcome_lane, prediction_lane
+from rtml.feedback.join import (
+    OUTCOME,
+    PREDICTION,
+    Decision,
+    Side,
+    Slot,
+    decide,
+    join_windows,
+    outcome_lane,
+    prediction_lane,
+)
 from rtml.feedback.store import Apply, JoinStore
 
 log = logging.getLogger(__name__)
 
 TOPICS = ("predictions", "outcomes")
+RULE_MARGIN_MS = 5 * 60_000  # a rule's join window: its window + grace + this (the sweep's and Kafka's lag)
 GROUP_ID = "feedback"
 
 
@@ -37,6 +49,7 @@ class Incoming:
     prediction_id: str
     lane: str
     value: bytes  # the record value as received, stored in the slot as is
+    ttl_ms: int  # how long the join slot lives: the prediction's model's join window
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +79,12 @@ class Joiner:
         self.redis = redis
         self.producer = producer
         self.keys = Keys(settings.redis.key_prefix)
+        config = load_config(settings.platform_config_path())
+        rules = {name: m.label.within_ms + settings.label_grace + RULE_MARGIN_MS
+                 for name, m in config.models.items() if m.label is not None}  # fmt: skip
+        self.join_window = join_windows(settings.join_ttl, rules)
+        # an outcome that comes first does not say its model: its slot lives as long as any model's
+        self._outcome_ttl = max([settings.join_ttl, *rules.values()])
         self.store = JoinStore(redis, self.keys, settings.join_ttl)
         self._predictions = settings.topic("predictions")
         self._outcomes = settings.topic("outcomes")
@@ -77,18 +96,19 @@ class Joiner:
         value = bytes(record.value)
         if record.topic == self._predictions:
             p = PredictionLogged.model_validate_json(value)
-            return Incoming(PREDICTION, p.prediction_id, prediction_lane(p), value)
+            return Incoming(PREDICTION, p.prediction_id, prediction_lane(p), value, self.join_window(p.model))
         if record.topic == self._outcomes:
             o = Outcome.model_validate_json(value)
-            return Incoming(OUTCOME, o.prediction_id, outcome_lane(o), value)
+            return Incoming(OUTCOME, o.prediction_id, outcome_lane(o), value, self._outcome_ttl)
         raise UnprocessableRecord(f"feedback does not consume topic {record.topic}")
 
     async def handle(self, batch: list[Consumed[Incoming]]) -> None:
         applies = [
-            Apply(c.value.side, c.value.prediction_id, c.value.lane, c.value.value, token(c.record)) for c in batch
+            Apply(c.value.side, c.value.prediction_id, c.value.lane, c.value.value, token(c.record), c.value.ttl_ms)
+            for c in batch
         ]
         slots = await self.store.apply(applies)
-        decisions = [decide(a.side, a.token, s, self.settings.join_ttl) for a, s in zip(applies, slots, strict=True)]
+        decisions = [decide(a.side, a.token, s, self.join_window) for a, s in zip(applies, slots, strict=True)]
 
         examples = [d.example for d in decisions if d.example is not None]
         first = [d.example for d in decisions if d.example is not None and d.first]

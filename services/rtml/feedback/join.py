@@ -27,6 +27,7 @@ inflate them; a crash between the claim and the quality update loses that one up
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -34,6 +35,7 @@ from typing import Literal
 from rtml.core.schemas import Example, Outcome, PredictionLogged
 
 Side = Literal["p", "o"]
+JoinWindow = int | Callable[[str], int]  # ms, or ms per model name (see ``join_windows``)
 PREDICTION: Side = "p"
 OUTCOME: Side = "o"
 
@@ -85,6 +87,17 @@ def is_late(prediction: PredictionLogged, outcome: Outcome, join_ttl_ms: int) ->
     return outcome.ts > prediction.ts + join_ttl_ms
 
 
+def join_windows(default_ms: int, rule_windows: dict[str, int]) -> Callable[[str], int]:
+    """The join window of each model: ``RTML_JOIN_TTL``, or longer for a model whose label rule needs it
+    (a rule's negative label comes at the end of its window plus grace: the join must still hold the
+    prediction then, and must not call that label late)."""
+
+    def window(model: str) -> int:
+        return max(default_ms, rule_windows.get(model, 0))
+
+    return window
+
+
 def make_example(prediction: PredictionLogged, outcome: Outcome) -> Example:
     """The training row: the exact features and score the model used, with the observed label."""
     return Example(
@@ -102,7 +115,7 @@ def make_example(prediction: PredictionLogged, outcome: Outcome) -> Example:
     )
 
 
-def decide(side: Side, token: str, slot: Slot, join_ttl_ms: int) -> Decision:
+def decide(side: Side, token: str, slot: Slot, join_ttl_ms: JoinWindow) -> Decision:
     """What to do with one record (``side``, from the Kafka record ``token``) given its slot."""
     if slot.claim is not None and slot.claim == token:
         return _completed(slot, join_ttl_ms)
@@ -123,12 +136,13 @@ def decide(side: Side, token: str, slot: Slot, join_ttl_ms: int) -> Decision:
     return Decision(Result.PARKED)
 
 
-def _completed(slot: Slot, join_ttl_ms: int) -> Decision:
+def _completed(slot: Slot, join_window: JoinWindow) -> Decision:
     if slot.prediction is None or slot.outcome is None:
         raise ValueError("a claimed join slot must hold both a prediction and an outcome")
     prediction = PredictionLogged.model_validate_json(slot.prediction)
     outcome = Outcome.model_validate_json(slot.outcome)
     first = slot.claimed_now
+    join_ttl_ms = join_window if isinstance(join_window, int) else join_window(prediction.model)
     if is_late(prediction, outcome, join_ttl_ms):
         reason = (
             f"late outcome: ts {outcome.ts} is {outcome.ts - prediction.ts} ms after prediction "

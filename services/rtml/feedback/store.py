@@ -28,6 +28,7 @@ class Apply:
     lane: str
     value: bytes
     token: str
+    ttl_ms: int | None = None  # the slot's TTL (the model's join window); None: the store's default
 
 
 def _slot(reply: Sequence[Any]) -> Slot:
@@ -59,7 +60,8 @@ class JoinStore:
             return []
         ttl = self.join_ttl_ms
         calls: list[Call] = [
-            ("join", [slot_key(self.keys, r.prediction_id)], [r.side, r.lane, r.value, r.token, ttl]) for r in records
+            ("join", [slot_key(self.keys, r.prediction_id)], [r.side, r.lane, r.value, r.token, r.ttl_ms or ttl])
+            for r in records
         ]
         replies = await self.scripts.run(calls, "join script")
         return [_slot(reply) for reply in replies]
