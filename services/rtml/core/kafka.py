@@ -17,10 +17,10 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
@@ -285,6 +285,29 @@ Decoder = Callable[[ConsumerRecord], T]
 Handler = Callable[[list[Consumed[T]]], Awaitable[None]]
 
 
+class Buffer(Protocol):
+    """What a handler keeps in memory between commits, for ``ConsumerLoop(buffer=...)`` (e.g. rows that are
+    written to a file in batches). The handler adds every record it handles to it; the loop commits a batch's
+    offsets only once a later ``flush()`` returned, so a record is acknowledged only once it is durable."""
+
+    def room(self) -> int:
+        """How many more records may be handled before the buffer must be flushed (the fetch limit)."""
+        ...
+
+    def due(self) -> bool:
+        """Whether what was handled since the last flush should be flushed and committed now (full, old enough,
+        or nothing buffered at all: then only offsets, e.g. of dead-lettered records, are committed)."""
+        ...
+
+    async def flush(self) -> None:
+        """Make durable everything handled so far, then forget it. Raise to keep it (retried with backoff)."""
+        ...
+
+    def discard(self) -> None:
+        """Forget everything buffered: those records will be delivered again from the committed offsets."""
+        ...
+
+
 class ConsumerLoop(Generic[T]):
     """A consumer-group member that decodes, handles and commits micro-batches.
 
@@ -295,6 +318,15 @@ class ConsumerLoop(Generic[T]):
     - ``stop()`` (or SIGTERM handled by the caller) finishes the current batch, commits, and leaves;
     - an unexpected error ends ``run()``; under ``run_in_background`` the loop restarts from the committed
       offsets (``rtml_consumer_restarts_total``).
+
+    With a ``buffer`` (a handler that makes records durable in batches, see ``Buffer``) a handled batch is not
+    committed at once: its offsets wait until the buffer is flushed, which the loop does when the buffer is
+    ``due()`` or full, before this member's partitions are revoked in a rebalance, and when ``run()`` ends
+    (not when it is cancelled: that is a crash, the records are delivered again). The loop never fetches more
+    than the buffer has ``room()`` for, so it never grows past its flush size. A failed flush commits nothing
+    and is retried with backoff (the loop reports not ready meanwhile); if it still fails when the partitions
+    are revoked, or the loop restarts, the buffer is discarded and its records come again from the commit.
+    Batches are then handled one at a time (``max_in_flight`` must be 1).
     """
 
     def __init__(
@@ -310,9 +342,12 @@ class ConsumerLoop(Generic[T]):
         max_records: int | None = None,
         max_in_flight: int = 1,
         fetch_max_wait_ms: int | None = None,
+        buffer: Buffer | None = None,
     ) -> None:
         """``fetch_max_wait_ms`` overrides the setting for consumers that need no low latency: Tansu answers
         a fetch only when its wait is over, so a short wait is many requests a second even when idle."""
+        if buffer is not None and max_in_flight != 1:
+            raise ValueError("a buffered consumer loop handles one batch at a time (max_in_flight=1)")
         k = settings.kafka
         self.name = name
         self._settings = settings
@@ -324,7 +359,7 @@ class ConsumerLoop(Generic[T]):
         self._stopping = asyncio.Event()
         self._topics = [settings.topic(t) for t in topics]
         self._consumer = AIOKafkaConsumer(
-            *self._topics,
+            *(self._topics if buffer is None else ()),
             **client_options(k),
             group_id=f"{settings.topic_prefix}{group_id}",
             enable_auto_commit=False,
@@ -337,6 +372,14 @@ class ConsumerLoop(Generic[T]):
         self.processed = 0
         self.healthy = True
         self._task: asyncio.Task[int] | None = None
+        self._buffer = buffer
+        # buffered mode: offsets handled but not yet flushed, and how many records they cover
+        self._pending: dict[TopicPartition, int] = {}
+        self._pending_n = 0
+        self._flush_lock = asyncio.Lock()  # one of: handle a batch, flush + commit, revoke
+        self._revocations = 0  # a batch fetched before a revocation is stale
+        if buffer is not None:
+            self._consumer.subscribe(self._topics, listener=_FlushOnRevoke(self))
 
     async def start(self) -> None:
         try:
@@ -375,6 +418,8 @@ class ConsumerLoop(Generic[T]):
             if self._stopping.is_set():
                 return self.processed
             backoff = min(backoff * 2, 30.0)
+            async with self._flush_lock:
+                self._discard()  # run() failed: what it buffered comes again from the committed offsets
             try:
                 await self._seek_to_committed()
             except Exception as exc:  # noqa: BLE001 -- the next round tries again
@@ -431,18 +476,29 @@ class ConsumerLoop(Generic[T]):
                 break
             if count is not None and self.processed >= count:
                 break
+            limit = self._max_records
+            if self._buffer is not None:
+                if self._pending and (self._buffer.due() or self._buffer.room() <= 0):
+                    async with self._flush_lock:
+                        flushed = await self._flush()
+                    if not flushed:  # fetch nothing more until the buffer is durable
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._stopping.wait(), backoff)
+                        backoff = min(backoff * 2, 5.0)
+                        continue
+                    backoff = 0.1
+                limit = max(1, min(limit, self._buffer.room()))
             batches: Batches = {}
             if len(inflight) < self._max_in_flight:
+                revocations = self._revocations
                 try:
-                    batches = await self._consumer.getmany(
-                        timeout_ms=0 if inflight else 100, max_records=self._max_records
-                    )
+                    batches = await self._consumer.getmany(timeout_ms=0 if inflight else 100, max_records=limit)
                 except KafkaError as exc:
                     log.warning("%s: fetch failed (%s); retrying", self.name, exc)
                     await asyncio.sleep(0.5)
                     continue
                 if batches:
-                    inflight.append((asyncio.create_task(self._work(batches)), batches))
+                    inflight.append((asyncio.create_task(self._work(batches, revocations)), batches))
             if not inflight or (batches and len(inflight) < self._max_in_flight and not inflight[0][0].done()):
                 continue
             task, done = inflight.popleft()
@@ -467,6 +523,10 @@ class ConsumerLoop(Generic[T]):
         for task, _ in inflight:
             with contextlib.suppress(BaseException):
                 await task
+        if self._buffer is not None and self._pending:
+            async with self._flush_lock:
+                if not await self._flush():
+                    self._discard()  # not committed: the next owner of the partitions gets them again
         return self.processed
 
     async def _rewind(self, failed: Batches, inflight: deque[tuple[asyncio.Task[None], Batches]],
@@ -502,8 +562,31 @@ class ConsumerLoop(Generic[T]):
             except Exception as exc:
                 await self._producer.dead_letter(item.record, f"{type(exc).__name__}: {exc}")
 
-    async def _work(self, batches: Batches) -> None:
-        """Decode (undecodable records go to the dead-letter topic) and handle one batch; no commit."""
+    async def _work(self, batches: Batches, revocations: int) -> None:
+        """Decode and handle one batch; no commit. Buffered: also note its offsets as pending, atomically with
+        the handling as far as a revocation is concerned, and drop a batch fetched before a revocation."""
+        if self._buffer is None:
+            await self._apply(batches)
+            return
+        async with self._flush_lock:
+            if revocations != self._revocations:
+                # Fetched under the previous assignment. Whatever is still ours restarts from its commit.
+                assigned = self._consumer.assignment()
+                for tp in batches:
+                    if tp in assigned:
+                        committed = await self._consumer.committed(tp)
+                        if committed is None:
+                            await self._consumer.seek_to_beginning(tp)
+                        else:
+                            self._consumer.seek(tp, committed)
+                return
+            await self._apply(batches)
+            for tp, records in batches.items():
+                self._pending[tp] = records[-1].offset + 1
+                self._pending_n += len(records)
+
+    async def _apply(self, batches: Batches) -> None:
+        """Decode (undecodable records go to the dead-letter topic) and handle one batch."""
         decoded: list[Consumed[T]] = []
         for records in batches.values():
             for rec in records:
@@ -522,19 +605,65 @@ class ConsumerLoop(Generic[T]):
                 await self._isolate(decoded, exc)
 
     async def _commit(self, batches: Batches) -> None:
-        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+        if self._buffer is None:  # buffered: committed by ``_flush``
+            offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+            await self._commit_offsets(offsets, sum(len(r) for r in batches.values()))
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int], n: int) -> None:
         try:
             await self._consumer.commit(offsets)
         except KafkaError as exc:
             # Rebalanced away or broker gone: the records will be redelivered; handlers are idempotent.
             log.warning("%s: commit failed (%s); records will be redelivered", self.name, exc)
-        n = sum(len(r) for r in batches.values())
         self.processed += n
         metrics.CONSUMED.labels(consumer=self.name).inc(n)
-        for tp, records in batches.items():
+        for tp, offset in offsets.items():
             metrics.CONSUMER_POSITION.labels(consumer=self.name, topic=tp.topic, partition=str(tp.partition)).set(
-                records[-1].offset + 1
+                offset
             )
+
+    async def _flush(self) -> bool:
+        """Buffered mode, under ``_flush_lock``: flush the buffer, then commit what it covered. False (nothing
+        committed, the buffer kept) when the flush failed."""
+        assert self._buffer is not None
+        try:
+            await self._buffer.flush()
+        except Exception as exc:  # noqa: BLE001 -- a disk or bug: retried, visible in readiness and metrics
+            self.healthy = False
+            metrics.CONSUMER_RETRIES.labels(consumer=self.name).inc()
+            log.warning("%s: flush failed (%r); nothing committed, retrying", self.name, exc)
+            return False
+        offsets, n = self._pending, self._pending_n
+        self._pending, self._pending_n = {}, 0
+        if offsets:
+            await self._commit_offsets(offsets, n)
+        self.healthy = True
+        return True
+
+    def _discard(self) -> None:
+        if self._buffer is not None:
+            self._buffer.discard()
+        self._pending, self._pending_n = {}, 0
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Before a rebalance hands the partitions to others: flush and commit, or discard what cannot be."""
+        if not revoked:
+            return  # the first join: nothing was assigned
+        async with self._flush_lock:
+            self._revocations += 1
+            if not await self._flush():
+                self._discard()
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, loop: ConsumerLoop[Any]) -> None:
+        self._loop = loop
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._loop._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        return None
 
 
 def decode_json(record: ConsumerRecord) -> Any:
