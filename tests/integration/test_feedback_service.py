@@ -102,7 +102,10 @@ async def test_outcome_joins_its_prediction_once_and_quality_reflects_it(setting
         [v] = body["versions"]
         assert (v["version"], v["count"], v["positive_rate"], v["mean_score"]) == ("7", 1, 1.0, 0.75)
         assert v["log_loss"] == pytest.approx(0.2876820724517809)
-        assert v["auc"] is None and v["calibration"] is None and v["score_drift"] is None
+        assert v["auc"] is None  # one class only
+        assert v["calibration"] == pytest.approx(0.25)  # one bin: |0.75 - 1|
+        assert v["score_drift"] is None and v["feature_drift"] == {}  # version 7 is not in the registry
+        assert body["window"] == "1h" and body["as_of"] > 0
 
         ready = await client.get("/readyz")
         assert ready.status_code == 200, ready.text

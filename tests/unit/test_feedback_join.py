@@ -8,7 +8,7 @@ import pytest
 
 from rtml.core.schemas import Outcome, PredictionLogged
 from rtml.feedback.join import OUTCOME, PREDICTION, Result, Slot, decide, is_late
-from rtml.feedback.quality import increments, log_loss, summarize
+from rtml.feedback.qualitymath import log_loss, summarize, sums_of
 
 TTL = 60_000
 PRED = PredictionLogged(
@@ -99,18 +99,16 @@ def test_log_loss_is_finite_even_for_certain_wrong_scores() -> None:
     assert math.isfinite(log_loss(0.0, 1.0)) and math.isfinite(log_loss(1.0, 0.0))
 
 
-def test_quality_sums_summarize_per_version() -> None:
+def test_quality_sums_summarize_a_joined_example() -> None:
     ex = decide(OUTCOME, "o:0:1", paired("o:0:1", claimed_now=True), TTL).example
     ex0 = decide(OUTCOME, "o:0:2", paired("o:0:2", claimed_now=True, out=outcome(label=0.0)), TTL).example
     assert ex is not None and ex0 is not None
-    sums = increments([ex, ex0])["ctr"]
-    q = summarize("ctr", {k: str(v) for k, v in sums.items()} | {"junk": "1"})
-    [v] = q.versions
-    assert (v.version, v.count, v.positive_rate) == ("3", 2, 0.5)
-    assert v.mean_score == pytest.approx(0.8)
-    assert v.log_loss == pytest.approx((log_loss(0.8, 1.0) + log_loss(0.8, 0.0)) / 2)
-    assert v.auc is None and v.calibration is None and v.score_drift is None
-    assert summarize("ctr", {}).versions == []
+    q = summarize(sums_of((e.score, e.label, e.features) for e in [ex, ex0]), None)
+    assert (q["count"], q["positive_rate"]) == (2, 0.5)
+    assert q["mean_score"] == pytest.approx(0.8)
+    assert q["log_loss"] == pytest.approx((log_loss(0.8, 1.0) + log_loss(0.8, 0.0)) / 2)
+    assert q["auc"] == 0.5 and q["calibration"] == pytest.approx(0.3)  # one bin: |1.6 - 1| / 2
+    assert q["score_drift"] is None and q["feature_drift"] == {}
 
 
 def test_lanes_pair_a_prediction_record_with_outcomes_for_its_item_or_for_no_item() -> None:

@@ -86,6 +86,7 @@ class Joiner:
         # an outcome that comes first does not say its model: its slot lives as long as any model's
         self._outcome_ttl = max([settings.join_ttl, *rules.values()])
         self.store = JoinStore(redis, self.keys, settings.join_ttl)
+        self.quality = quality.QualityStore(redis, self.keys, config)
         self._predictions = settings.topic("predictions")
         self._outcomes = settings.topic("outcomes")
 
@@ -114,7 +115,7 @@ class Joiner:
         first = [d.example for d in decisions if d.example is not None and d.first]
         # Counted and summed before publishing: a failed publish retries the batch, then ``first`` is False.
         self._count(decisions)
-        await quality.record(self.redis, self.keys, first)
+        await self.quality.record(first)
         if examples:
             await self.producer.send_many("examples", [(ex.prediction_id.encode(), encode(ex)) for ex in examples])
         for c, a, slot, d in zip(batch, applies, slots, decisions, strict=True):

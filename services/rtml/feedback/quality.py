@@ -1,113 +1,340 @@
-"""Online model quality, skeleton: running sums per model version, kept in one Redis hash per model.
+"""Online model quality per model and version over the model's sliding quality window, in Redis.
 
-``<prefix>{model:<name>}:quality`` holds, per version ``v``, the fields ``v|n`` (joined examples),
-``v|label`` (sum of labels), ``v|score`` (sum of scores) and ``v|logloss`` (sum of per-example log loss),
-updated once per joined example. They are cumulative since the hash was created (no sliding window yet),
-and AUC, calibration and score drift vs training are not computed yet: they are reported as ``null``
-until the issue that adds windowed sketches lands.
+Layout (every key under the model's hash tag ``Keys.model(name)`` = ``<prefix>{model:<name>}``, one slot):
+
+- ``...:q:<tile start>``  one hash per quality tile (``models.<name>.quality``: window W, tile G, window/60 by
+  default): the ``rtml.feedback.qualitymath.Sums`` of every version that scored an example labelled in that
+  tile, fields ``<version>|<sum>``. TTL W + G after its last write, so memory is bounded by one window. A
+  read at T sums the tiles ``floor(T/G) - W/G + 1 .. floor(T/G)`` (the features' window semantics), in
+  one round trip.
+- ``...:qp:<a>|<b>``      (a < b) cumulative Sums of versions a and b over exactly the examples both
+  scored (the served version and its shadows): what the rollout controller compares. TTL 7 days, re-armed
+  on each write; subtract two snapshots (``Sums`` is additive) for the examples in between.
+
+An example counts for EVERY version that scored it (``Example.version`` with ``score``, and each of
+``Example.shadow``), with the same features and label. Drift is counted per bin of the version's training
+reference (``metadata["reference"]``), so the recorder reads a version's metadata from the registry the
+first time it sees it (cached: versions are immutable); a version without one reports PSI as null.
+
+Writes: the increments of a batch are summed per key and field in Python, then one ``quality.lua`` call
+per key (HINCRBYFLOAT each field, then PEXPIRE), all in one pipelined round trip. Measured on a batch of
+500 examples scored by two versions (2 tiles, ~800 fields): client CPU 3.6 ms against 15 ms for a pipeline
+of HINCRBYFLOAT commands, the same Redis CPU (~7 ms). The lean ``Scripts`` client saves 1.7 ms more but
+holds a connection of its own to close; not worth it off the request path.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
-from rtml.core.redis import Keys, Redis, guarded, run_pipeline
+from rtml.core import metrics
+from rtml.core.config import PlatformConfig, QualityDef
+from rtml.core.errors import DependencyUnavailable, NotFound
+from rtml.core.redis import Keys, Redis, guarded, run_pipeline, script_source
 from rtml.core.schemas import Example
+from rtml.core.timeutil import now_ms
+from rtml.feedback.qualitymath import Reference, Sums, add_example, split_versions, summarize
 
-EPS = 1e-15
-_FIELDS = ("n", "label", "score", "logloss")
+log = logging.getLogger(__name__)
 
-
-def quality_key(keys: Keys, model: str) -> str:
-    return f"{keys.model(model)}:quality"
-
-
-def log_loss(score: float, label: float) -> float:
-    """Binary cross-entropy of one example; the score is clipped to (0, 1) so it is always finite."""
-    p = min(max(score, EPS), 1.0 - EPS)
-    y = min(max(label, 0.0), 1.0)
-    return -(y * math.log(p) + (1.0 - y) * math.log(1.0 - p))
+PAIR_TTL_MS = 7 * 86_400_000
+REFERENCE_RETRY_MS = 60_000  # a version the registry does not know is asked again after this
+_SCRIPT = script_source("rtml.feedback", "quality.lua")
 
 
+def tile_key(keys: Keys, model: str, tile_start: int) -> str:
+    return f"{keys.model(model)}:q:{tile_start}"
+
+
+def pair_key(keys: Keys, model: str, a: str, b: str) -> str:
+    lo, hi = sorted((a, b))
+    return f"{keys.model(model)}:qp:{lo}|{hi}"
+
+
+def window_tiles(q: QualityDef, at: int) -> list[int]:
+    """The start times of the tiles a read at ``at`` covers, oldest first."""
+    g = q.tile_ms
+    last = at // g
+    return [k * g for k in range(last - q.window_ms // g + 1, last + 1)]
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
 class VersionQuality(BaseModel):
     version: str
     count: int
     positive_rate: float | None  # mean label: the positive rate for 0/1 labels
     mean_score: float | None
     log_loss: float | None
-    auc: float | None = None  # not computed yet
-    calibration: float | None = None  # not computed yet
-    score_drift: float | None = None  # not computed yet
+    auc: float | None = None  # None with one class only
+    calibration: float | None = None  # expected calibration error over 10 equal-width score bins
+    score_drift: float | None = None  # PSI of the scores against the training holdout's; None without reference
+    feature_drift: dict[str, float | None] = Field(default_factory=dict)  # PSI of each input against training
 
 
 class ModelQuality(BaseModel):
     model: str
-    window: str = "cumulative"
+    window: str  # the model's quality window, e.g. "1h"
+    window_ms: int
+    as_of: int  # epoch ms of the read: the window is the tiles up to and including this one's
     versions: list[VersionQuality]
 
 
-def increments(examples: Sequence[Example]) -> dict[str, dict[str, float]]:
-    """Hash field increments per model for a batch of joined examples."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for ex in examples:
-        fields = out[ex.model]
-        fields[f"{ex.version}|n"] += 1
-        fields[f"{ex.version}|label"] += ex.label
-        fields[f"{ex.version}|score"] += ex.score
-        fields[f"{ex.version}|logloss"] += log_loss(ex.score, ex.label)
-    return out
+def version_order(version: str) -> tuple[int, int, str]:
+    """Registry versions are integers: "10" after "9"."""
+    return (0, int(version), version) if version.isdigit() else (1, 0, version)
 
 
-def summarize(model: str, raw: Mapping[str, str]) -> ModelQuality:
-    """The quality report from the stored sums (unknown fields are ignored)."""
-    sums: dict[str, dict[str, float]] = defaultdict(dict)
-    for field, value in raw.items():
-        version, sep, name = field.rpartition("|")
-        if sep and name in _FIELDS:
-            sums[version][name] = float(value)
-    versions = []
-    for version in sorted(sums):
-        s = sums[version]
-        n = int(s.get("n", 0))
-        versions.append(
-            VersionQuality(
-                version=version,
-                count=n,
-                positive_rate=s.get("label", 0.0) / n if n else None,
-                mean_score=s.get("score", 0.0) / n if n else None,
-                log_loss=s.get("logloss", 0.0) / n if n else None,
-            )
-        )
-    return ModelQuality(model=model, versions=versions)
+def version_quality(version: str, sums: Sums, reference: Reference | None) -> VersionQuality:
+    return VersionQuality(version=version, **summarize(sums, reference))
 
 
-async def record(redis: Redis, keys: Keys, examples: Sequence[Example]) -> None:
-    """Add a batch of joined examples to the sums, one pipelined round trip."""
-    per_model = increments(examples)
-    if not per_model:
-        return
+# -- references -----------------------------------------------------------------------------------------------------
+class References:
+    """Each version's training reference, read from the registry once per process (versions are immutable).
 
-    def build(pipe: Pipeline) -> None:
-        for model, fields in per_model.items():
-            key = quality_key(keys, model)
-            for field, amount in fields.items():
-                if field.endswith("|n"):
-                    pipe.hincrby(key, field, int(amount))
+    A version the registry does not know (or whose bytes fail their checksum) has no reference; it is asked
+    again after ``retry_ms``, in case it was registered since."""
+
+    def __init__(self, redis: Redis, keys: Keys, retry_ms: int = REFERENCE_RETRY_MS) -> None:
+        from rtml.serving.registry import ModelRegistry  # onnxruntime & co: only once quality is used
+
+        self.registry = ModelRegistry(redis, keys)
+        self.retry_ms = retry_ms
+        self._known: dict[tuple[str, str], Reference | None] = {}
+        self._missing: dict[tuple[str, str], int] = {}  # -> when to ask again
+
+    async def get_many(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Reference | None]:
+        wanted = set(pairs)
+        now = now_ms()
+        todo = [p for p in wanted if p not in self._known and self._missing.get(p, 0) <= now]
+        if todo:
+            for p, ref in zip(todo, await asyncio.gather(*(self._fetch(*p) for p in todo)), strict=True):
+                if ref is None:
+                    self._missing[p] = now + self.retry_ms
                 else:
-                    pipe.hincrbyfloat(key, field, amount)
+                    self._known[p] = ref
+                    self._missing.pop(p, None)
+        return {p: self._known.get(p) for p in wanted}
 
-    await run_pipeline(redis, build, "quality update")
+    async def get(self, model: str, version: str) -> Reference | None:
+        return (await self.get_many([(model, version)]))[(model, version)]
+
+    async def _fetch(self, model: str, version: str) -> Reference | None:
+        from rtml.serving.registry import ModelIntegrityError
+
+        try:
+            _, metadata = await self.registry.get(model, version)
+        except NotFound:
+            return None
+        except ModelIntegrityError as exc:
+            log.warning("quality: no drift reference for %s version %s: %s", model, version, exc)
+            return None
+        return Reference.from_metadata(metadata)
 
 
-async def read(redis: Redis, keys: Keys, model: str) -> ModelQuality:
-    raw = await guarded(redis.hgetall(quality_key(keys, model)), "quality read")
-    return summarize(model, {_text(k): _text(v) for k, v in raw.items()})
+# -- the store ------------------------------------------------------------------------------------------------------
+class QualityStore:
+    """Records labelled examples into the quality tiles and pair sums; reads windows, pairs and reports.
+
+    Holds no state that must live in one process: the cache of references is only a cache, and any number
+    of feedback replicas record into and read from the same keys."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        config: PlatformConfig | None = None,
+        *,
+        references: References | None = None,
+        pair_ttl_ms: int = PAIR_TTL_MS,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.config = config
+        self.references = references or References(redis, keys)
+        self.pair_ttl_ms = pair_ttl_ms
+        self._sha: str | None = None
+
+    def quality_def(self, model: str) -> QualityDef:
+        """The model's quality window; a model not in the config (uploaded by a user) gets the default."""
+        m = self.config.models.get(model) if self.config is not None else None
+        return m.quality if m is not None else QualityDef()
+
+    # -- writes ---------------------------------------------------------------------------------------------------
+    async def record(self, examples: Sequence[Example], now: int | None = None) -> None:
+        """Add a batch of first-time joined examples: one pipelined round trip (plus, the first time a version
+        is seen, one registry read for its reference). An example whose tile already left its model's window
+        counts in the pair sums only."""
+        if not examples:
+            return
+        now = now_ms() if now is None else now
+        scored = [(ex, _scores(ex)) for ex in examples]
+        refs = await self.references.get_many({(ex.model, v) for ex, scores in scored for v in scores})
+        per_key: dict[str, dict[str, float]] = {}
+        ttl: dict[str, int] = {}
+        for ex, scores in scored:
+            q = self.quality_def(ex.model)
+            tile = ex.labelled_at // q.tile_ms * q.tile_ms
+            live = tile + q.window_ms > now  # else no read from now on includes it
+            own: dict[str, dict[str, float]] = {}
+            for version, score in scores.items():
+                acc: dict[str, float] = {}
+                add_example(acc, score, ex.label, ex.features, refs.get((ex.model, version)))
+                own[version] = acc
+                if live:
+                    key = tile_key(self.keys, ex.model, tile)
+                    _merge(per_key.setdefault(key, {}), version, acc)
+                    ttl[key] = q.window_ms + q.tile_ms
+            versions = sorted(own)
+            for i, a in enumerate(versions):
+                for b in versions[i + 1 :]:
+                    key = pair_key(self.keys, ex.model, a, b)
+                    fields = per_key.setdefault(key, {})
+                    _merge(fields, a, own[a])
+                    _merge(fields, b, own[b])
+                    ttl[key] = self.pair_ttl_ms
+        await self._write(per_key, ttl)
+
+    async def _write(self, per_key: Mapping[str, Mapping[str, float]], ttl: Mapping[str, int]) -> None:
+        if not per_key:
+            return
+
+        def build(pipe: Pipeline) -> None:
+            assert self._sha is not None
+            for key, fields in per_key.items():
+                args: list[str | int | float] = [ttl[key]]
+                for field, amount in fields.items():
+                    args += (field, repr(amount))
+                pipe.evalsha(self._sha, 1, key, *args)
+
+        for attempt in (1, 2):
+            if self._sha is None:
+                self._sha = str(await guarded(self.redis.script_load(_SCRIPT), "SCRIPT LOAD"))
+            try:
+                await run_pipeline(self.redis, build, "quality update")
+                return
+            except NoScriptError:  # Redis restarted or flushed its scripts: every call failed, none applied
+                self._sha = None
+                if attempt == 2:
+                    raise
+
+    # -- reads ----------------------------------------------------------------------------------------------------
+    async def window(self, model: str, now: int | None = None) -> dict[str, Sums]:
+        """The Sums of each version over the model's window as read at ``now``: every tile, one round trip."""
+        tiles = window_tiles(self.quality_def(model), now_ms() if now is None else now)
+
+        def build(pipe: Pipeline) -> None:
+            for t in tiles:
+                pipe.hgetall(tile_key(self.keys, model, t))
+
+        out: dict[str, Sums] = {}
+        for raw in await run_pipeline(self.redis, build, "quality read"):
+            for version, sums in split_versions(raw).items():
+                out[version] = out[version] + sums if version in out else sums
+        return out
+
+    async def pair(self, model: str, a: str, b: str) -> tuple[Sums, Sums]:
+        """The cumulative Sums of versions ``a`` and ``b`` over exactly the examples both scored."""
+        if a == b:
+            raise ValueError("a pair needs two different versions")
+        raw = await guarded(self.redis.hgetall(pair_key(self.keys, model, a, b)), "quality pair read")
+        per = split_versions(raw)
+        return per.get(a, Sums()), per.get(b, Sums())
+
+    async def report(self, model: str, now: int | None = None) -> ModelQuality:
+        """The quality of every version with a label in the window, oldest version first."""
+        now = now_ms() if now is None else now
+        q = self.quality_def(model)
+        per = await self.window(model, now)
+        refs = await self.references.get_many((model, v) for v in per)
+        versions = [version_quality(v, per[v], refs.get((model, v))) for v in sorted(per, key=version_order)]
+        return ModelQuality(model=model, window=q.window, window_ms=q.window_ms, as_of=now, versions=versions)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _scores(ex: Example) -> dict[str, float]:
+    """Every version that scored the example and its score (finite scores only: a NaN has no bin)."""
+    scores = {**ex.shadow, ex.version: ex.score}
+    bad = [v for v, s in scores.items() if not math.isfinite(s)]
+    for v in bad:
+        log.warning("quality: %s version %s logged a non-finite score for %s; not counted", ex.model, v,
+                    ex.prediction_id)  # fmt: skip
+        del scores[v]
+    return scores
+
+
+def _merge(fields: dict[str, float], version: str, acc: Mapping[str, float]) -> None:
+    prefix = f"{version}|"
+    for name, amount in acc.items():
+        k = prefix + name
+        fields[k] = fields.get(k, 0.0) + amount
+
+
+# -- Prometheus gauges ----------------------------------------------------------------------------------------------
+GAUGE_METRICS = {
+    "count": "count",
+    "positive_rate": "positive_rate",
+    "mean_score": "mean_score",
+    "log_loss": "log_loss",
+    "auc": "auc",
+    "calibration": "calibration_error",
+    "score_drift": "score_psi",
+}
+
+
+class GaugePublisher:
+    """Sets ``rtml_model_quality`` and ``rtml_model_feature_psi`` from the windows of the given models, and
+    removes the children of versions (or metrics) that have no value any more. Every replica publishes the
+    same numbers: they are read from Redis, not from what this replica recorded."""
+
+    def __init__(self, store: QualityStore, models: Iterable[str]) -> None:
+        self.store = store
+        self.models = list(models)
+        self._quality: set[tuple[str, str, str]] = set()
+        self._psi: set[tuple[str, str, str]] = set()
+
+    async def publish(self, now: int | None = None) -> None:
+        quality: dict[tuple[str, str, str], float] = {}
+        psi: dict[tuple[str, str, str], float] = {}
+        for model in self.models:
+            for v in (await self.store.report(model, now)).versions:
+                values: dict[str, Any] = v.model_dump()
+                for field, metric in GAUGE_METRICS.items():
+                    if values[field] is not None:
+                        quality[(model, v.version, metric)] = float(values[field])
+                for feature, value in v.feature_drift.items():
+                    if value is not None:
+                        psi[(model, v.version, feature)] = value
+        for labels, value in quality.items():
+            metrics.MODEL_QUALITY.labels(*labels).set(value)
+        for labels, value in psi.items():
+            metrics.FEATURE_PSI.labels(*labels).set(value)
+        for labels in self._quality - quality.keys():
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_QUALITY.remove(*labels)
+        for labels in self._psi - psi.keys():
+            with contextlib.suppress(KeyError):
+                metrics.FEATURE_PSI.remove(*labels)
+        self._quality, self._psi = set(quality), set(psi)
+
+
+async def publish_gauges_forever(store: QualityStore, models: Iterable[str], interval_s: float) -> None:
+    """Every ``interval_s`` (``settings.learning_interval_s``), publish the gauges of ``models`` (the
+    configured ones). A failed round (Redis down) is logged and skipped; cancel the task to stop."""
+    publisher = GaugePublisher(store, models)
+    while True:
+        try:
+            await publisher.publish()
+        except DependencyUnavailable as exc:
+            log.warning("quality gauges not updated: %s", exc)
+        except Exception:
+            log.exception("quality gauges not updated")
+        await asyncio.sleep(interval_s)

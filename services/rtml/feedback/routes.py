@@ -7,10 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 
 from rtml.core.app import SettingsDep, require
+from rtml.core.config import load_config
 from rtml.core.errors import InvalidInput
 from rtml.core.kafka import Producer
 from rtml.core.redis import Keys, Redis
 from rtml.core.schemas import Outcome, OutcomeIn
+from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.feedback import quality
 
@@ -47,7 +49,18 @@ async def post_outcome(body: OutcomeIn, request: Request, settings: SettingsDep)
 async def get_quality(
     name: Annotated[str, Path(min_length=1, max_length=256)], request: Request, settings: SettingsDep
 ) -> quality.ModelQuality:
-    """Online quality per version from the joined examples (cumulative sums; AUC, calibration and drift
-    are null until computed). A model with no joined example yet has an empty ``versions`` list."""
-    redis: Redis = request.app.state.redis
-    return await quality.read(redis, Keys(settings.redis.key_prefix), name)
+    """Online quality per version over the model's quality window (``models.<name>.quality.window``): count,
+    positive rate, mean score, log loss, AUC, calibration error (ECE) and drift against training (PSI of the
+    score and of each input; null without a training reference). A model with no label in the window has an
+    empty ``versions`` list."""
+    return await quality_store(request, settings).report(name)
+
+
+def quality_store(request: Request, settings: Settings) -> quality.QualityStore:
+    """The app's ``QualityStore`` (``app.state.quality`` when the app set one up), else one made on first use."""
+    store: quality.QualityStore | None = getattr(request.app.state, "quality", None)
+    if store is None:
+        redis: Redis = request.app.state.redis
+        config = load_config(settings.platform_config_path())
+        store = request.app.state.quality = quality.QualityStore(redis, Keys(settings.redis.key_prefix), config)
+    return store

@@ -1,0 +1,216 @@
+"""Windowed online quality on the real Redis: tiles, window reads, version pairs, drift, gauges and the route."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from rtml.core.config import load_config
+from rtml.core.redis import Keys, Redis, connect
+from rtml.core.schemas import Example
+from rtml.core.settings import Settings
+from rtml.core.timeutil import now_ms
+from rtml.feedback.app import create_app
+from rtml.feedback.quality import GaugePublisher, QualityStore, tile_key, window_tiles
+from rtml.feedback.qualitymath import HIST_BINS, Reference, Sums, hist_bin, sums_of
+from rtml.serving.inference.session import build_model
+from rtml.serving.registry import ModelRegistry
+from rtml.serving.train import DEMO_CONFIG, TrainedModel, make_training_set, train_model
+
+pytestmark = pytest.mark.integration
+
+CONFIG = load_config(DEMO_CONFIG)  # ctr: quality window 1h, tiles of 1 min
+FEATURES = list(CONFIG.models["ctr"].features)
+HOUR = 3_600_000
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = connect(settings)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def trained() -> TrainedModel:
+    return train_model(CONFIG, "ctr", n_synthetic=4_000, seed=0)
+
+
+def store_of(redis: Redis, settings: Settings) -> QualityStore:
+    return QualityStore(redis, Keys(settings.redis.key_prefix), CONFIG)
+
+
+def example(i: int, score: float, label: float, at: int, *, version: str = "1", shadow: dict[str, float] | None = None,
+            features: dict[str, float | None] | None = None) -> Example:  # fmt: skip
+    return Example(
+        prediction_id=f"p{i}", model="ctr", version=version, entities={"user_id": f"u{i}"},
+        features=features if features is not None else {f: 1.0 for f in FEATURES}, score=score, label=label,
+        predicted_at=at - 1_000, labelled_at=at, shadow=shadow or {},
+    )  # fmt: skip
+
+
+def ece(scores: np.ndarray, labels: np.ndarray) -> float:
+    bins = np.minimum((scores * 10).astype(int), 9)
+    return float(
+        sum(abs(scores[bins == b].mean() - labels[bins == b].mean()) * (bins == b).mean() for b in set(bins.tolist()))
+    )
+
+
+async def test_window_numbers_match_sklearn_through_the_route(settings: Settings, redis: Redis) -> None:
+    rng = np.random.default_rng(3)
+    n = 600
+    labels = (rng.random(n) < 0.35).astype(float)
+    scores = np.clip(0.35 + 0.25 * (labels - 0.35) + rng.normal(0, 0.18, n), 0, 1)
+    now = now_ms()
+    # labelled over the last 50 minutes: many tiles of the window
+    times = now - rng.integers(0, 50 * 60_000, n)
+    examples = [example(i, float(scores[i]), float(labels[i]), int(times[i])) for i in range(n)]
+    store = store_of(redis, settings)
+    for start in range(0, n, 100):  # batches, as the consumer records them
+        await store.record(examples[start : start + 100], now=now)
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        app.state.quality = store
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://feedback") as client:
+            r = await client.get("/v1/models/ctr/quality")
+            empty = await client.get("/v1/models/nope/quality")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "ctr" and body["window"] == "1h" and body["window_ms"] == HOUR
+    assert now <= body["as_of"] <= now_ms()
+    [v] = body["versions"]
+    assert v["version"] == "1" and v["count"] == n
+    assert v["positive_rate"] == pytest.approx(labels.mean())
+    assert v["mean_score"] == pytest.approx(scores.mean())
+    assert v["log_loss"] == pytest.approx(sk_log_loss(labels, np.clip(scores, 1e-15, 1 - 1e-15)), rel=1e-9)
+    binned = np.array([hist_bin(s) for s in scores])
+    assert v["auc"] == pytest.approx(roc_auc_score(labels, binned), abs=1e-12)
+    pos = np.bincount(binned[labels == 1], minlength=HIST_BINS)
+    neg = np.bincount(binned[labels == 0], minlength=HIST_BINS)
+    assert abs(v["auc"] - roc_auc_score(labels, scores)) <= (pos * neg).sum() / (2 * pos.sum() * neg.sum())
+    assert v["calibration"] == pytest.approx(ece(scores, labels), abs=1e-9)
+    assert v["score_drift"] is None and v["feature_drift"] == {}  # version 1 is not registered: no reference
+    assert empty.status_code == 200 and empty.json()["versions"] == []
+
+
+async def test_tiles_of_a_past_window_stop_counting_and_expire(settings: Settings, redis: Redis) -> None:
+    store = store_of(redis, settings)
+    keys = Keys(settings.redis.key_prefix)
+    now = now_ms()
+    q = CONFIG.models["ctr"].quality
+    old = [example(i, 0.2, 0.0, now - 59 * 60_000) for i in range(3)]  # still inside the window
+    recent = [example(10 + i, 0.8, 1.0, now - 1_000) for i in range(2)]
+    gone = [example(20 + i, 0.5, 1.0, now - 2 * HOUR) for i in range(4)]  # its window ended an hour ago
+    await store.record(old + recent + gone, now=now)
+
+    assert (await store.window("ctr", now))["1"].n == 5
+    assert not await redis.exists(tile_key(keys, "ctr", (now - 2 * HOUR) // q.tile_ms * q.tile_ms))
+    # as time passes, the old tile leaves the window while the recent one stays
+    later = now + 2 * 60_000
+    assert (await store.window("ctr", later))["1"].n == 2
+    assert (await store.window("ctr", now + 2 * HOUR)) == {}
+    # and every tile expires: memory is bounded by one window (plus a tile)
+    for t in window_tiles(q, now):
+        ttl = await redis.pttl(tile_key(keys, "ctr", t))
+        assert ttl == -2 or 0 < ttl <= q.window_ms + q.tile_ms
+
+
+async def test_every_version_that_scored_an_example_counts_it_and_pairs_hold_the_shared_examples(
+    settings: Settings, redis: Redis
+) -> None:
+    store = store_of(redis, settings)
+    now = now_ms()
+    both = [example(i, 0.3 + i / 100, float(i % 2), now - 5_000, shadow={"2": 0.6 - i / 100}) for i in range(20)]
+    only1 = [example(100 + i, 0.9, 1.0, now - 5_000) for i in range(5)]
+    served_by_2 = [example(200 + i, 0.1, 0.0, now - 5_000, version="2", shadow={"1": 0.4}) for i in range(3)]
+    three = [example(300, 0.5, 1.0, now - 5_000, shadow={"2": 0.7, "3": 0.2})]
+    await store.record(both + only1, now=now)
+    await store.record(served_by_2 + three, now=now)
+
+    window = await store.window("ctr", now)
+    assert {v: s.n for v, s in window.items()} == {"1": 29, "2": 24, "3": 1}
+
+    shared = both + served_by_2 + three
+    a, b = await store.pair("ctr", "1", "2")
+    assert a.close_to(sums_of((score_of(e, "1"), e.label, e.features) for e in shared))
+    assert b.close_to(sums_of((score_of(e, "2"), e.label, e.features) for e in shared))
+    # the same sums whichever way round it is asked
+    b2, a2 = await store.pair("ctr", "2", "1")
+    assert (a2, b2) == (a, b)
+    x, y = await store.pair("ctr", "2", "3")
+    assert (x.n, y.n) == (1, 1) and y.get("s") == pytest.approx(0.2)
+    assert await store.pair("ctr", "1", "9") == (Sums(), Sums())
+    # cumulative: the rollout controller takes the difference of two snapshots
+    await store.record([example(400, 0.5, 1.0, now, shadow={"2": 0.25})], now=now)
+    a3, b3 = await store.pair("ctr", "1", "2")
+    assert ((a3 - a).n, (b3 - b).n) == (1, 1) and (b3 - b).get("s") == pytest.approx(0.25)
+
+
+def score_of(e: Example, version: str) -> float:
+    return e.score if e.version == version else e.shadow[version]
+
+
+async def test_drift_is_small_for_data_like_training_and_large_for_shifted_data(
+    settings: Settings, redis: Redis, trained: TrainedModel
+) -> None:
+    keys = Keys(settings.redis.key_prefix)
+    registry = ModelRegistry(redis, keys)
+    v_same = await registry.register("ctr", trained.onnx_bytes, trained.metadata)
+    v_shift = await registry.register("ctr", trained.onnx_bytes, trained.metadata)
+    model = build_model("ctr", v_same, trained.onnx_bytes, trained.metadata)
+    X = make_training_set(3_000, seed=11).X  # drawn like the training data, other seed
+    shifted = X.copy()
+    shifted[:, 0] = shifted[:, 0] * 3 + 2  # many more recent clicks
+    now = now_ms()
+
+    def examples(rows: np.ndarray, version: str) -> list[Example]:
+        scores = model.predict(rows)
+        rng = np.random.default_rng(5)
+        return [
+            example(i, float(s), float(rng.random() < s), now - 1_000, version=version,
+                    features=dict(zip(FEATURES, map(float, row), strict=True)))
+            for i, (s, row) in enumerate(zip(scores, rows, strict=True))
+        ]  # fmt: skip
+
+    store = store_of(redis, settings)
+    await store.record(examples(X, v_same) + examples(shifted, v_shift), now=now)
+    report = {v.version: v for v in (await store.report("ctr", now)).versions}
+    same, moved = report[v_same], report[v_shift]
+    assert set(same.feature_drift) == set(FEATURES)
+    assert same.score_drift is not None and same.score_drift < 0.05
+    assert all(p is not None and p < 0.05 for p in same.feature_drift.values()), same.feature_drift
+    assert moved.feature_drift["user_clicks_5m"] is not None and moved.feature_drift["user_clicks_5m"] > 0.5
+    assert moved.feature_drift["item_ctr_1h"] is not None and moved.feature_drift["item_ctr_1h"] < 0.05
+    assert moved.score_drift is not None and moved.score_drift > 0.2
+    ref = Reference.from_metadata(trained.metadata)
+    assert ref is not None and ref.score is not None
+
+
+def gauge(name: str, labels: dict[str, str]) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_gauges_follow_the_window_and_drop_versions_that_left_it(settings: Settings, redis: Redis) -> None:
+    store = store_of(redis, settings)
+    model = f"ctr-{settings.redis.key_prefix.rstrip(':')}"  # a model name of this test only: gauges are global
+    now = now_ms()
+    ex = [example(i, 0.25 + 0.5 * (i % 2), float(i % 2), now - 1_000).model_copy(update={"model": model})
+          for i in range(10)]  # fmt: skip
+    await store.record(ex, now=now)
+    publisher = GaugePublisher(store, [model])
+    await publisher.publish(now)
+    labels: dict[str, Any] = {"model": model, "version": "1"}
+    assert gauge("rtml_model_quality", labels | {"metric": "count"}) == 10
+    assert gauge("rtml_model_quality", labels | {"metric": "auc"}) == 1.0
+    assert gauge("rtml_model_quality", labels | {"metric": "calibration_error"}) == pytest.approx(0.25)
+    assert gauge("rtml_model_quality", labels | {"metric": "score_psi"}) is None  # no reference: no child
+    await publisher.publish(now + 2 * HOUR)
+    assert gauge("rtml_model_quality", labels | {"metric": "count"}) is None
