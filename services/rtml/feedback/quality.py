@@ -236,11 +236,12 @@ class QualityStore:
             for t in tiles:
                 pipe.hgetall(tile_key(self.keys, model, t))
 
-        out: dict[str, Sums] = {}
+        # summed field by field first (the same few hundred fields in every tile), split by version once
+        total: dict[bytes | str, float] = {}
         for raw in await run_pipeline(self.redis, build, "quality read"):
-            for version, sums in split_versions(raw).items():
-                out[version] = out[version] + sums if version in out else sums
-        return out
+            for field, value in raw.items():
+                total[field] = total.get(field, 0.0) + float(value)
+        return split_versions(total)
 
     async def pair(self, model: str, a: str, b: str) -> tuple[Sums, Sums]:
         """The cumulative Sums of versions ``a`` and ``b`` over exactly the examples both scored."""

@@ -163,12 +163,12 @@ class Sums:
         return cls({k: float(v) for k, v in raw.items()})
 
 
-def split_versions(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Sums]:
+def split_versions(raw: Mapping[bytes | str, bytes | str | float]) -> dict[str, Sums]:
     """A hash whose fields are ``<version>|<name>`` -> the Sums of each version (other fields ignored).
     Versions are the registry's (``1``, ``2``, ...); a feature name in ``<name>`` may hold any character."""
     per: dict[str, dict[str, float]] = {}
     for k, v in raw.items():
-        key = k.decode() if isinstance(k, bytes) else k
+        key = k.decode() if isinstance(k, bytes) else str(k)
         version, sep, name = key.partition("|")
         if not sep or not version:
             continue
