@@ -214,3 +214,33 @@ async def test_gauges_follow_the_window_and_drop_versions_that_left_it(settings:
     assert gauge("rtml_model_quality", labels | {"metric": "score_psi"}) is None  # no reference: no child
     await publisher.publish(now + 2 * HOUR)
     assert gauge("rtml_model_quality", labels | {"metric": "count"}) is None
+
+
+async def test_recording_survives_redis_losing_its_scripts(settings: Settings, redis: Redis) -> None:
+    store = store_of(redis, settings)
+    now = now_ms()
+    await store.record([example(1, 0.5, 1.0, now)], now=now)
+    await redis.script_flush()  # what a restart or failover does to the script cache
+    await store.record([example(2, 0.5, 0.0, now)], now=now)
+    assert (await store.window("ctr", now))["1"].n == 2
+
+
+async def test_publish_gauges_forever_defaults_to_the_configured_models(settings: Settings, redis: Redis) -> None:
+    import asyncio
+    import contextlib
+
+    from rtml.feedback.quality import publish_gauges_forever
+
+    store = store_of(redis, settings)
+    await store.record([example(1, 0.9, 1.0, now_ms(), version="77")])
+    task = asyncio.create_task(publish_gauges_forever(store, 0.05))
+    try:
+        for _ in range(100):
+            if gauge("rtml_model_quality", {"model": "ctr", "version": "77", "metric": "count"}) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert gauge("rtml_model_quality", {"model": "ctr", "version": "77", "metric": "mean_score"}) == 0.9
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -327,9 +327,12 @@ class GaugePublisher:
         self._quality, self._psi = set(quality), set(psi)
 
 
-async def publish_gauges_forever(store: QualityStore, models: Iterable[str], interval_s: float) -> None:
-    """Every ``interval_s`` (``settings.learning_interval_s``), publish the gauges of ``models`` (the
-    configured ones). A failed round (Redis down) is logged and skipped; cancel the task to stop."""
+async def publish_gauges_forever(store: QualityStore, interval_s: float, models: Iterable[str] | None = None) -> None:
+    """Every ``interval_s`` (``settings.learning_interval_s``), publish the gauges of ``models`` (default: the
+    models of the store's platform config). A failed round (Redis down) is logged and skipped; cancel the
+    task to stop."""
+    if models is None:
+        models = list(store.config.models) if store.config is not None else []
     publisher = GaugePublisher(store, models)
     while True:
         try:
