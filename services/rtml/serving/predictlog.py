@@ -31,24 +31,35 @@ LINGER_S = 0.02
 
 
 class Logged(NamedTuple):
-    """One prediction as the request path hands it over (encoded later, as ``Logged`` JSON)."""
+    """One prediction as the request path hands it over (encoded later, as ``PredictionLogged`` JSON).
+
+    During a rollout, ``shadow`` holds the score of the version that did not answer (version -> score), and
+    ``extra`` the inputs that version has and the answering ``model`` lacks: they are added to the record's
+    ``features``, so the one features dict an example keeps holds every input of both versions (retraining
+    and the candidate's online quality read it). The answering model's own inputs are never overwritten.
+    """
 
     prediction_id: str
-    model: LoadedModel
+    model: LoadedModel  # the version that answered
     entities: Mapping[str, str]
     row: list[float]  # the model's inputs, in ``model.features`` order
     score: float
     degraded: bool
     ts: int
     item_id: str | None
+    shadow: Mapping[str, float] | None = None
+    extra: Mapping[str, float] | None = None
 
 
 def encode(r: Logged) -> bytes:
-    """The record's value: the JSON of ``rtml.core.schemas.Logged``."""
+    """The record's value: the JSON of ``rtml.core.schemas.PredictionLogged``."""
+    features = dict(zip(r.model.features, r.row, strict=True))
+    if r.extra:
+        features = {**r.extra, **features}  # the answering version's own values win
     return orjson.dumps({
         "prediction_id": r.prediction_id, "model": r.model.name, "version": r.model.version,
-        "entities": r.entities, "features": dict(zip(r.model.features, r.row, strict=True)), "score": r.score,
-        "degraded": r.degraded, "ts": r.ts, "item_id": r.item_id,
+        "entities": r.entities, "features": features, "score": r.score,
+        "degraded": r.degraded, "ts": r.ts, "item_id": r.item_id, "shadow": r.shadow or {},
     })  # fmt: skip
 
 
