@@ -1,8 +1,9 @@
-"""``rtml models list|show|promote|rollback``: the model registry, straight from Redis.
+"""``rtml models list|show|promote|rollback|shadow|rollout|end-rollout``: the model registry, from Redis.
 
 Like ``rtml train``, these talk to Redis through ``ModelRegistry`` (no serving process needed) and announce
-promotions and rollbacks on ``rtml.models``; serving replicas also poll the live pointer, so a promotion
-still takes effect when the broker cannot be reached (a warning says it was not announced).
+promotions, rollbacks and rollout changes on ``rtml.models``; serving replicas also poll the live pointer
+and the rollout, so a change still takes effect when the broker cannot be reached (a warning says it was not
+announced).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rtml.core.settings import Settings
 T = TypeVar("T")
 
 app = typer.Typer(
-    help="The model registry: list models, show versions, promote a version, roll back.",
+    help="The model registry: list models, show versions, promote a version, roll back, roll out a candidate.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -115,7 +116,7 @@ def list_models(as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print(orjson.dumps({"models": models}, option=orjson.OPT_INDENT_2).decode())
         return
-    table = Table("model", "live", "versions", "latest", "live created", "live by", "auc")
+    table = Table("model", "live", "versions", "latest", "live created", "live by", "auc", "rollout")
     for m in models:
         versions = m["versions"]
         live = next((v for v in versions if v["live"]), None)
@@ -127,8 +128,16 @@ def list_models(as_json: bool = JSON_OPTION) -> None:
             _when(live["created_at"]) if live else "-",
             (live["created_by"] or "unknown") if live else "-",
             _metric(live["metrics"], "auc") if live else "-",
+            _rollout_cell(m.get("rollout")),
         )
     _out().print(table)
+
+
+def _rollout_cell(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "-"
+    share = f" {r['share']:.0%}" if r["stage"] == "canary" else ""
+    return f"{r['version']} {r['stage']}{share}"
 
 
 @app.command("show")
@@ -191,3 +200,65 @@ def rollback(name: str = typer.Argument(..., help="model name")) -> None:
 
     previous = run(_announcing(settings, work), settings)
     print(f"rolled {name} back to version {previous} (live)")
+
+
+@app.command("shadow")
+def shadow(
+    name: str = typer.Argument(..., help="model name"),
+    version: str = typer.Argument(..., help="candidate version (not the live one)"),
+    canary: float | None = typer.Option(
+        None, "--canary", min=0.0, max=1.0, help="also answer this share of users (0 < SHARE <= 1), sticky per user"
+    ),
+    replace: bool = typer.Option(False, "--replace", help="end a running rollout of another version first"),
+) -> None:
+    """Roll out candidate VERSION of NAME: scored in shadow on every request (logged, never returned), or with
+    --canary SHARE answering that share of users. Again with the same VERSION: changes its stage and share."""
+    settings = load_client_settings()
+    quiet_logging()
+    stage, share = ("canary", canary) if canary else ("shadow", 0.0)
+
+    async def work(registry: Any, producer: Producer | None) -> Any:
+        return await registry.start_rollout(name, version, stage, share, _user(), replace=replace, producer=producer)
+
+    r = run(_announcing(settings, work), settings)
+    print(f"{name} version {r.version} in {_stage_text(r.stage, r.share)} (rollout {r.id}; live {r.live})")
+
+
+def _stage_text(stage: str, share: float) -> str:
+    return f"canary for {share:.1%} of users" if stage == "canary" else stage
+
+
+@app.command("rollout")
+def rollout(name: str = typer.Argument(..., help="model name"), as_json: bool = JSON_OPTION) -> None:
+    """The running rollout of NAME: candidate (or guard) version, stage, canary share, since when, by whom."""
+    settings = load_client_settings()
+    quiet_logging()
+
+    async def work(registry: Any) -> Any:
+        return await registry.rollout(name)
+
+    r = run(_with_registry(settings, work), settings)
+    if as_json:
+        print(orjson.dumps({"model": name, "rollout": r.to_dict() if r else None}, option=orjson.OPT_INDENT_2).decode())
+        return
+    if r is None:
+        print(f"{name}: no rollout running")
+        return
+    role = "previous version kept in shadow after a promotion" if r.stage == "guard" else "candidate"
+    print(f"{name}: version {r.version} ({role}) in {_stage_text(r.stage, r.share)} against live {r.live or '-'}, "
+          f"since {_when(r.since)} by {r.by or 'unknown'} (rollout {r.id})")  # fmt: skip
+
+
+@app.command("end-rollout")
+def end_rollout(name: str = typer.Argument(..., help="model name")) -> None:
+    """End the running rollout of NAME (the live version does not change; announced on rtml.models)."""
+    settings = load_client_settings()
+    quiet_logging()
+
+    async def work(registry: Any, producer: Producer | None) -> Any:
+        return await registry.end_rollout(name, None, _user(), producer)
+
+    r = run(_announcing(settings, work), settings)
+    if r is None:
+        raise NotFound(f"model {name!r} has no rollout running")
+    print(f"ended the rollout of {name} version {r.version} ({r.stage}); live is still {r.live or '-'}")

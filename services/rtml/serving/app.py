@@ -1,8 +1,8 @@
 """The serving service: ONNX models kept in step with the registry, predictions logged to Kafka.
 
-Promotions arrive on the models topic (each replica reloads at once) and, as a fallback, by polling the live
-pointers every ``RTML_MODEL_POLL_INTERVAL_S``. predict/recommend are answered by ``fastpath`` in front of
-FastAPI (auth, admission, validation and metrics included).
+Promotions and rollout changes arrive on the models topic (each replica reloads at once) and, as a fallback,
+by polling the live pointers and rollouts every ``RTML_MODEL_POLL_INTERVAL_S``. predict/recommend are
+answered by ``fastpath`` in front of FastAPI (auth, admission, validation and metrics included).
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
 
 
 def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer) -> ConsumerLoop[Any]:
-    """Every replica reads every promotion announced on the models topic (its own consumer group) and
-    reloads at once; the poller is the fallback when the topic cannot be read."""
+    """Every replica reads every promotion and rollout change announced on the models topic (its own
+    consumer group) and reloads at once; the poller is the fallback when the topic cannot be read."""
 
     async def handle(batch: list[Consumed[Any]]) -> None:
         await live.refresh()  # one refresh per batch: the pointers in Redis are the truth, not the messages

@@ -1,10 +1,10 @@
-"""Serving API: predict, recommend, and the model registry (list, upload, promote, rollback)."""
+"""Serving API: predict, recommend, and the model registry (list, upload, promote, rollback, rollouts)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from rtml.core.app import JSONBytes, require
 from rtml.core.auth import ApiKeys
-from rtml.core.errors import InvalidInput
+from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.kafka import Producer
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.predict import Predictor
@@ -79,6 +79,15 @@ class PromoteRequest(BaseModel):
     version: Annotated[str, Field(min_length=1, max_length=32)] | StrictInt
 
 
+class RolloutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Annotated[str, Field(min_length=1, max_length=32)] | StrictInt
+    stage: Literal["shadow", "canary"] = "shadow"
+    share: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=1.0)] = 0.0
+    replace: bool = False
+
+
 def _predictor(request: Request) -> Predictor:
     p: Predictor = request.app.state.predictor
     return p
@@ -127,9 +136,19 @@ async def list_models(request: Request) -> Any:
     live: LiveModels = request.app.state.live
     models = await _registry(request).describe(live.config_models)
     for m in models:
-        served = live.get(m["name"])
-        m["serving_version"] = served.version if served else None
+        served = live.served.get(m["name"])
+        m["serving_version"] = served.live.version if served else None
+        m["serving_rollout"] = _serving_rollout(live, m["name"])
     return JSONBytes({"models": models})
+
+
+def _serving_rollout(live: LiveModels, name: str) -> dict[str, Any] | None:
+    """What this replica does of the rollout: the other version it scores and its stage (None: none loaded,
+    e.g. no rollout or its version failed to load)."""
+    served = live.served.get(name)
+    if served is None or served.other is None:
+        return None
+    return {"version": served.other.version, "stage": served.stage, "share": served.share, "id": served.rollout_id}
 
 
 @router.post("/models/{name}/versions", status_code=201, dependencies=[require("admin")])
@@ -200,3 +219,50 @@ async def rollback(request: Request, name: str) -> Any:
     live: LiveModels = request.app.state.live
     await live.refresh()
     return JSONBytes({"model": name, "version": version, "live": True})
+
+
+async def _known(request: Request, name: str) -> None:
+    live: LiveModels = request.app.state.live
+    if name not in await _registry(request).names(live.config_models):
+        raise NotFound(f"unknown model {name!r}")
+
+
+@router.get("/models/{name}/rollout", dependencies=[require("read")])
+async def get_rollout(request: Request, name: str) -> Any:
+    """The model's running rollout (``{"rollout": null}`` when none): the candidate (stage ``shadow`` or
+    ``canary``, with the canary ``share`` of users) or the guard (the previous live version, kept in shadow
+    after a promotion), its ``id``, ``since`` (epoch ms) and ``by``; and what this replica serves of it."""
+    await _known(request, name)
+    rollout = await _registry(request).rollout(name)
+    live: LiveModels = request.app.state.live
+    return JSONBytes({"model": name, "rollout": rollout.to_dict() if rollout else None,
+                      "serving": _serving_rollout(live, name)})  # fmt: skip
+
+
+@router.post("/models/{name}/rollout", dependencies=[require("admin")])
+async def start_rollout(request: Request, name: str, body: RolloutRequest) -> Any:
+    """Put a candidate version in ``shadow`` (scored and logged, never returned) or ``canary`` (answers
+    ``share`` of users, sticky per user). The same candidate again changes its stage and share (same id).
+    404 unknown version; 422 the live version, or a share with stage shadow; 409 another rollout runs (send
+    ``"replace": true`` to end it in the same step) or the model has no live version."""
+    producer: Producer = request.app.state.producer
+    rollout = await _registry(request).start_rollout(
+        name, str(body.version), body.stage, float(body.share), _caller(request), replace=body.replace,
+        producer=producer,
+    )  # fmt: skip
+    live: LiveModels = request.app.state.live
+    await live.refresh()  # this replica scores it now; the others on the announcement or the next poll
+    return JSONBytes({"model": name, "rollout": rollout.to_dict()})
+
+
+@router.delete("/models/{name}/rollout", dependencies=[require("admin")])
+async def end_rollout(request: Request, name: str) -> Any:
+    """End the running rollout (the live version does not change); 404 when none runs."""
+    producer: Producer = request.app.state.producer
+    ended = await _registry(request).end_rollout(name, None, _caller(request), producer)
+    if ended is None:
+        await _known(request, name)
+        raise NotFound(f"model {name!r} has no rollout running")
+    live: LiveModels = request.app.state.live
+    await live.refresh()
+    return JSONBytes({"model": name, "ended": ended.to_dict()})
