@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from rtml.cli.common import err, load_client_settings, not_yet, quiet_logging, run
+from rtml.cli.common import CliError, err, load_client_settings, not_yet, quiet_logging, run
 from rtml.core.settings import Settings
+from rtml.core.timeutil import now_ms, parse_duration_ms
 
 
 async def ensure_live_models(settings: Settings) -> list[str]:
@@ -33,6 +35,22 @@ def train(
         None, exists=True, dir_okay=False, help="JSONL of labelled examples (default: synthetic data)"
     ),
     from_topic: bool = typer.Option(False, "--from-topic", help="train on rtml.examples (planned: issue 5)"),
+    from_examples: bool = typer.Option(
+        False,
+        "--from-examples",
+        help="train on the examples store (RTML_EXAMPLES_DIR): the exact features served, with their labels; "
+        "time-ordered holdout, compared with the live version",
+    ),  # fmt: skip
+    since: str | None = typer.Option(
+        None,
+        help="with --from-examples: only examples predicted in this recent span (e.g. 2h); default: the "
+        "model's retrain.train_window, else all",
+    ),  # fmt: skip
+    then: str = typer.Option(
+        "shadow",
+        help="with --from-examples: shadow (start the candidate in shadow; online quality decides), "
+        "promote (make it live now) or none (only register it)",
+    ),  # fmt: skip
     model: str = typer.Option("ctr", help="model name declared in rtml.yaml"),
     promote: bool = typer.Option(True, help="make the new version live"),
     if_none_live: bool = typer.Option(
@@ -49,6 +67,31 @@ def train(
 
     settings = load_client_settings()
     quiet_logging()
+    if from_examples:
+        if examples is not None:
+            raise CliError("give either --examples PATH or --from-examples, not both")
+        if then not in ("shadow", "promote", "none"):
+            raise CliError(f"--then must be shadow, promote or none, not {then!r}")
+        since_ms = None
+        if since is not None:
+            try:
+                since_ms = now_ms() - parse_duration_ms(since)
+            except ValueError as exc:
+                raise CliError(f"--since: {exc}") from None
+        with err.status(f"training {model} on the examples store…"):
+            done = run(_from_examples(settings, model, then, since_ms), settings)
+        m = done.metrics
+        compared = (f"; live version {done.compared_with}: auc {_num(m.get('live_auc'))}, "
+                    f"log loss {_num(m.get('live_logloss'))}" if done.compared_with else "")  # fmt: skip
+        print(f"registered {model} version {done.version} from {m.get('n_train', 0) + m.get('n_holdout', 0)} "
+              f"examples; newest {m.get('n_holdout')} held out: auc {_num(m.get('auc'))}, "
+              f"log loss {_num(m.get('logloss'))}{compared}")  # fmt: skip
+        if done.promoted:
+            print(f"version {done.version} is live")
+        elif done.rollout is not None:
+            print(f"version {done.version} serves in shadow (rollout {done.rollout.id}); the rollout policy "
+                  "decides from online quality: rtml models rollout " + model)  # fmt: skip
+        return
     if if_none_live:  # what the compose trainer runs on every start: never piles up versions
         with err.status("checking the models…"):
             lines = run(ensure_live_models(settings), settings)
@@ -57,3 +100,30 @@ def train(
     with err.status(f"training {model}…"):
         version = run(train_and_register(settings, model, examples, promote), settings)
     print(f"registered {model} version {version}{' (live)' if promote else ''}")
+
+
+async def _from_examples(settings: Settings, model: str, then: str, since_ms: int | None) -> Any:
+    from rtml.core.kafka import Producer
+    from rtml.core.redis import connect
+    from rtml.feedback.retrain import retrain_from_examples
+
+    redis = connect(settings)
+    try:
+        async with Producer(settings) as producer:
+            return await retrain_from_examples(settings, redis, model, then=then, since_ms=since_ms,  # type: ignore[arg-type]
+                                               producer=producer, by=f"rtml train ({_who()})")  # fmt: skip
+    finally:
+        await redis.aclose()
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.4f}"

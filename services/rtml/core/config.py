@@ -175,12 +175,20 @@ class RetrainPolicy(BaseModel):
     min_examples: int = Field(default=500, ge=50)
     cooldown: str = "10m"
     cooldown_ms: int = 600_000
+    # train on the examples predicted in this recent span only (None: every stored example); after a drift
+    # the old world's examples teach the old answers
+    train_window: str | None = None
+    train_window_ms: int | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _cooldown(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "cooldown" in data:
-            data = {**data, "cooldown_ms": parse_duration_ms(data["cooldown"])}
+    def _durations(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if "cooldown" in data:
+                data["cooldown_ms"] = parse_duration_ms(data["cooldown"])
+            if data.get("train_window") is not None:
+                data["train_window_ms"] = parse_duration_ms(data["train_window"])
         return data
 
 

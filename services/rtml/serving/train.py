@@ -203,20 +203,30 @@ def load_examples(path: Path, features: Sequence[str], defaults: dict[str, float
     return TrainingSet(np.asarray(rows, np.float32), np.asarray(labels, np.int64), list(features))
 
 
-def fit_classifier(ts: TrainingSet, seed: int) -> tuple[Any, dict[str, Any]]:
+def new_classifier(seed: int) -> Any:
     from sklearn.ensemble import GradientBoostingClassifier
+
+    return GradientBoostingClassifier(n_estimators=80, max_depth=3, learning_rate=0.1, random_state=seed)
+
+
+def holdout_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """ROC AUC (NaN with one class) and log loss of scores ``proba`` for 0/1 labels ``y``."""
     from sklearn.metrics import log_loss, roc_auc_score
+
+    auc = float(roc_auc_score(y, proba)) if len(set(y.tolist())) == 2 else float("nan")
+    return {"auc": auc, "logloss": float(log_loss(y, np.clip(proba, 1e-15, 1 - 1e-15), labels=[0, 1]))}
+
+
+def fit_classifier(ts: TrainingSet, seed: int) -> tuple[Any, dict[str, Any]]:
     from sklearn.model_selection import train_test_split
 
     stratify = ts.y if min(np.bincount(ts.y, minlength=2)) >= 2 else None
     X_tr, X_te, y_tr, y_te = train_test_split(ts.X, ts.y, test_size=0.2, random_state=seed, stratify=stratify)
-    clf = GradientBoostingClassifier(n_estimators=80, max_depth=3, learning_rate=0.1, random_state=seed)
+    clf = new_classifier(seed)
     clf.fit(X_tr, y_tr)
     proba = clf.predict_proba(X_te)[:, 1]
-    auc = float(roc_auc_score(y_te, proba)) if len(set(y_te.tolist())) == 2 else float("nan")
     stats = {
-        "auc": auc,
-        "logloss": float(log_loss(y_te, proba, labels=[0, 1])),
+        **holdout_metrics(y_te, proba),
         "n_train": len(y_tr),
         "n_holdout": len(y_te),
         "positive_rate": float(ts.y.mean()),
@@ -289,6 +299,81 @@ def train_model(
         "reference": reference_distributions(ts.X, features, holdout_scores),
         "source": str(examples) if examples is not None else "synthetic",
         "algorithm": "sklearn.GradientBoostingClassifier",
+        "created_at": now_ms(),
+        "created_by": created_by or f"{_user()} (rtml {__version__})",
+    }
+    return TrainedModel(to_onnx_bytes(clf, len(features)), metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Scorer:
+    """A model version that can score a holdout: the live one, to compare a retrained candidate against."""
+
+    version: str
+    features: Sequence[str]
+    defaults: dict[str, float]
+    predict: Any  # float32 [n, len(features)] -> float [n]
+
+
+def train_time_ordered(
+    model_name: str,
+    features: Sequence[str],
+    defaults: dict[str, float],
+    X_by: Any,
+    y: np.ndarray,
+    predicted_at: np.ndarray,
+    *,
+    live: Scorer | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    source: str = "examples",
+    created_by: str | None = None,
+) -> TrainedModel:
+    """Train on the oldest ``1 - holdout`` of examples ordered by prediction time, evaluate on the newest.
+
+    A random split would let the model see the future of its own holdout; in production it only ever
+    scores what comes after its training data, so the holdout is the most recent slice. ``X_by(features,
+    defaults)`` gives the input matrix for any feature order (the live version's may differ), ``y`` the
+    0/1 labels, ``predicted_at`` their times (non-decreasing). ``live`` is scored on the same holdout and
+    its numbers go into the metadata next to the candidate's (``live_auc``, ``live_logloss``), so anyone can
+    see whether the candidate was better offline before it goes to shadow. CPU-bound: call it in a thread.
+    """
+    n = len(y)
+    cut = int(n * (1.0 - holdout))
+    if n < MIN_EXAMPLES or cut < 1 or cut >= n:
+        raise InvalidInput(f"{model_name}: need at least {MIN_EXAMPLES} examples to train and evaluate, got {n}")
+    y_tr, y_te = y[:cut], y[cut:]
+    for part, labels in (("training", y_tr), ("holdout (the newest)", y_te)):
+        if len(set(labels.tolist())) < 2:
+            raise InvalidInput(f"{model_name}: the {part} part of {n} examples has one label only; wait for more")
+    X = X_by(features, defaults)
+    clf = new_classifier(seed)
+    clf.fit(X[:cut], y_tr)
+    proba = clf.predict_proba(X[cut:])[:, 1]
+    stats: dict[str, Any] = {
+        **holdout_metrics(y_te, proba),
+        "n_train": cut,
+        "n_holdout": n - cut,
+        "positive_rate": float(y.mean()),
+        "score_mean": float(proba.mean()),
+        "score_quantiles": [float(q) for q in np.quantile(proba, [0.1, 0.25, 0.5, 0.75, 0.9])],
+        "trained_from": int(predicted_at[0]),
+        "holdout_from": int(predicted_at[cut]),
+        "holdout_to": int(predicted_at[-1]),
+    }
+    if live is not None:
+        live_x = X_by(live.features, live.defaults)[cut:]
+        live_stats = holdout_metrics(y_te, np.asarray(live.predict(live_x), dtype=np.float64))
+        stats["live_auc"], stats["live_logloss"] = live_stats["auc"], live_stats["logloss"]
+    metadata: dict[str, Any] = {
+        "features": list(features),
+        "defaults": dict(defaults),
+        "task": "binary_classification",
+        "metrics": {k: v for k, v in stats.items() if not (isinstance(v, float) and math.isnan(v))},
+        "reference": reference_distributions(X[:cut], features, proba),
+        "source": source,
+        "algorithm": "sklearn.GradientBoostingClassifier",
+        "compared_with": live.version if live is not None else None,
         "created_at": now_ms(),
         "created_by": created_by or f"{_user()} (rtml {__version__})",
     }
