@@ -128,3 +128,42 @@ def test_train_if_none_live_covers_every_configured_model(settings: Settings) ->
     again = runner.invoke(app, ["train", "--if-none-live"], env=env_of(settings))
     assert again.exit_code == 0, again.stderr
     assert again.stdout.splitlines() == ["model ctr: version 1 is live", "model fraud: version 1 is live"]
+
+
+def test_shadow_canary_rollout_and_end_rollout(settings: Settings) -> None:
+    register(settings, 3, promote="1")
+    none = cli(settings, "rollout", "ctr")
+    assert none.exit_code == 0 and none.stdout.strip() == "ctr: no rollout running"
+    started = cli(settings, "shadow", "ctr", "2")
+    assert started.exit_code == 0, started.stderr
+    assert started.stdout.startswith("ctr version 2 in shadow (rollout ") and started.stdout.strip().endswith("live 1)")
+    record = orjson.loads(cli(settings, "rollout", "ctr", "--json").stdout)["rollout"]
+    assert (record["version"], record["stage"], record["share"], record["live"]) == ("2", "shadow", 0.0, "1")
+    assert record["by"]
+    canary = cli(settings, "shadow", "ctr", "2", "--canary", "0.1")  # the same candidate: a stage change
+    assert canary.exit_code == 0 and "canary for 10.0% of users" in canary.stdout
+    again = orjson.loads(cli(settings, "rollout", "ctr", "--json").stdout)["rollout"]
+    assert again["id"] == record["id"] and again["stage"] == "canary" and again["share"] == 0.1
+    shown = cli(settings, "rollout", "ctr")
+    assert "version 2 (candidate) in canary for 10.0% of users against live 1" in shown.stdout
+    listed = cli(settings, "list")
+    [row] = [ln for ln in listed.stdout.splitlines() if " ctr " in ln]
+    assert row.split("│")[8].strip() == "2 canary 10%"
+
+    busy = cli(settings, "shadow", "ctr", "3")
+    assert busy.exit_code == 1 and "already has a rollout: version 2 in canary" in one_line(busy.stderr)
+    live = cli(settings, "shadow", "ctr", "1")
+    assert live.exit_code == 1 and "is the live one" in one_line(live.stderr)
+    bad = cli(settings, "shadow", "ctr", "3", "--canary", "1.5")
+    assert bad.exit_code == 2  # typer's range check
+    replaced = cli(settings, "shadow", "ctr", "3", "--replace")
+    assert replaced.exit_code == 0 and replaced.stdout.startswith("ctr version 3 in shadow")
+
+    ended = cli(settings, "end-rollout", "ctr")
+    assert ended.exit_code == 0, ended.stderr
+    assert ended.stdout.strip() == "ended the rollout of ctr version 3 (shadow); live is still 1"
+    twice = cli(settings, "end-rollout", "ctr")
+    assert twice.exit_code == 1 and one_line(twice.stderr) == "rtml: model 'ctr' has no rollout running"
+    got = asyncio.run(consume(settings, "models", count=4))
+    assert [r["event"] for r in got] == ["rollout_started", "rollout_stage", "rollout_started", "rollout_ended"]
+    assert got[2]["replaced"] == record["id"] and all(r["by"] for r in got)
