@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ from rtml.feedback.qualitymath import Reference, Sums, add_example, split_versio
 
 log = logging.getLogger(__name__)
 
+LEARN_TTL_MS = 30 * 86_400_000  # a model without a label for a month starts its counters afresh
 PAIR_TTL_MS = 7 * 86_400_000
 REFERENCE_RETRY_MS = 60_000  # a version the registry does not know is asked again after this
 _SCRIPT = script_source("rtml.feedback", "quality.lua")
@@ -53,6 +55,12 @@ _SCRIPT = script_source("rtml.feedback", "quality.lua")
 
 def tile_key(keys: Keys, model: str, tile_start: int) -> str:
     return f"{keys.model(model)}:q:{tile_start}"
+
+
+def learn_key(keys: Keys, model: str) -> str:
+    """The model's learning-loop counters: ``labels`` (every first-time joined example, ever; counted here,
+    in the same round trip as the quality sums) and the controller's ``trained_*`` marks."""
+    return f"{keys.model(model)}:learn"
 
 
 def pair_key(keys: Keys, model: str, a: str, b: str) -> str:
@@ -202,6 +210,10 @@ class QualityStore:
                     _merge(fields, a, own[a])
                     _merge(fields, b, own[b])
                     ttl[key] = self.pair_ttl_ms
+        for model, n in Counter(ex.model for ex in examples).items():
+            key = learn_key(self.keys, model)
+            per_key[key] = {"labels": float(n)}
+            ttl[key] = LEARN_TTL_MS
         await self._write(per_key, ttl)
 
     async def _write(self, per_key: Mapping[str, Mapping[str, float]], ttl: Mapping[str, int]) -> None:

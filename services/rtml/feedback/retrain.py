@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from rtml.core.config import PlatformConfig, load_config
-from rtml.core.errors import NotFound
+from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.kafka import Producer
 from rtml.core.redis import Keys, Redis
 from rtml.core.settings import Settings
@@ -67,17 +67,21 @@ async def retrain_from_examples(
     producer: Producer | None = None,
     by: str | None = None,
     config: PlatformConfig | None = None,
+    min_examples: int = 0,
 ) -> Retrained:
     """Train ``model`` on its stored examples (predicted at or after ``since_ms``; default: the policy's
     ``train_window``), register the version, then start it in shadow (``then="shadow"``), make it live
     (``"promote"``) or leave it registered (``"none"``). A model with no live version is promoted: there
-    is nothing to shadow. ``InvalidInput`` when the store has too few examples or one label only."""
+    is nothing to shadow. ``InvalidInput`` when the store has too few examples (fewer than ``min_examples``,
+    or than training needs) or one label only."""
     config = config or load_config(settings.platform_config_path())
     if model not in config.models:
         raise NotFound(f"unknown model {model!r}: not in the platform config")
     mdef = config.models[model]
     since = since_ms if since_ms is not None else train_since(config, model, now_ms())
     table = await asyncio.to_thread(read_examples, settings.examples_dir, model, since_ms=since)
+    if len(table) < min_examples:
+        raise InvalidInput(f"{model}: {len(table)} stored examples, the retrain policy needs {min_examples}")
     registry = ModelRegistry(redis, Keys(settings.redis.key_prefix))
     live = await live_scorer(registry, model)
     y = (table.labels >= 0.5).astype(np.int64)
