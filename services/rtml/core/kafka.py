@@ -485,8 +485,9 @@ class ConsumerLoop(Generic[T]):
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._stopping.wait(), backoff)
                         backoff = min(backoff * 2, 5.0)
-                        continue
-                    backoff = 0.1
+                    else:
+                        backoff = 0.1
+                    continue  # committed (or not): check the stop conditions before fetching more
                 limit = max(1, min(limit, self._buffer.room()))
             batches: Batches = {}
             if len(inflight) < self._max_in_flight:
