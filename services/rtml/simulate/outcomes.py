@@ -1,7 +1,9 @@
 """The outcome simulator: asks serving for recommendations, then 'clicks' by the world's ground truth.
 
-Each shown item gets an outcome (1 = clicked, 0 = not) on feedback, and each click also becomes a click
-event on ingest, so features, predictions, joins and quality all move in ``rtml up --demo``.
+Each click becomes a click event on ingest, so features, predictions, label joins and quality all move in
+``rtml up --demo``: the demo config derives ``ctr`` labels from those click events (its label rule).
+Explicit outcomes (``POST /v1/outcomes``: 1 = clicked, 0 = not, for every shown item) are opt-in
+(``post_outcomes``): with a label rule in place they would label the same predictions twice.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from dataclasses import dataclass
 
 import httpx
 
@@ -16,6 +19,13 @@ from rtml.core.timeutil import now_ms
 from rtml.simulate.world import World
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class OutcomeRun:
+    rounds: int = 0  # recommendation rounds asked for
+    clicks: int = 0  # click events sent to ingest
+    outcomes: int = 0  # explicit outcomes posted to feedback (``post_outcomes``)
 
 
 async def run_outcomes(
@@ -29,18 +39,23 @@ async def run_outcomes(
     seed: int = 0,
     candidates: int = 6,
     k: int = 3,
+    post_outcomes: bool = False,
     stop: asyncio.Event | None = None,
-) -> int:
-    """Run ``rate`` recommendation rounds per second; returns the number of outcomes posted."""
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> OutcomeRun:
+    """Run ``rate`` recommendation rounds per second; returns what was sent.
+
+    Clicks follow the world's ground truth at the time of the round (so a drifting world drifts here too).
+    """
     rng = random.Random(seed)  # noqa: S311 - simulation only
     loop = asyncio.get_running_loop()
     start = loop.time()
-    posted = rounds = 0
-    async with httpx.AsyncClient(timeout=5.0) as client:
+    done = OutcomeRun()
+    async with httpx.AsyncClient(timeout=5.0, transport=transport) as client:
         while not (stop is not None and stop.is_set()):
             if duration_s is not None and loop.time() - start >= duration_s:
                 break
-            rounds += 1
+            done.rounds += 1
             user = rng.randrange(world.users)
             items = rng.sample(range(world.items), min(candidates, world.items))
             try:
@@ -55,20 +70,23 @@ async def run_outcomes(
                     clicks = []
                     for shown in body["items"]:
                         item = int(shown["item_id"][1:])
-                        label = 1 if rng.random() < world.click_probability(user, item) else 0
-                        await client.post(
-                            f"{feedback_url}/v1/outcomes",
-                            json={"prediction_id": body["prediction_id"], "item_id": shown["item_id"], "label": label},
-                        )
-                        posted += 1
+                        label = 1 if rng.random() < world.click_probability(user, item, now_ms()) else 0
+                        if post_outcomes:
+                            await client.post(
+                                f"{feedback_url}/v1/outcomes",
+                                json={"prediction_id": body["prediction_id"], "item_id": shown["item_id"],
+                                      "label": label},
+                            )  # fmt: skip
+                            done.outcomes += 1
                         if label:
                             clicks.append({"type": "click", "user_id": world.user_id(user),
                                            "item_id": shown["item_id"], "ts": now_ms()})  # fmt: skip
                     if clicks:
                         await client.post(f"{ingest_url}/v1/events", json={"events": clicks})
+                        done.clicks += len(clicks)
             except httpx.HTTPError as exc:
                 log.warning("outcome simulator: %r", exc)
-            delay = start + rounds / rate - loop.time()
+            delay = start + done.rounds / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-    return posted
+    return done
