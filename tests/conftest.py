@@ -53,7 +53,7 @@ def unique() -> str:
 
 
 @pytest.fixture
-def make_settings(kafka_bootstrap: str, redis_url: str, unique: str) -> Any:
+def make_settings(kafka_bootstrap: str, redis_url: str, unique: str, tmp_path: Path) -> Any:
     """Settings for one test: real broker and Redis, a private topic and key prefix."""
 
     def make(**overrides: Any) -> Settings:
@@ -62,6 +62,7 @@ def make_settings(kafka_bootstrap: str, redis_url: str, unique: str) -> Any:
             "redis": {"url": redis_url, "key_prefix": f"t{unique}:"},
             "topic_prefix": f"t{unique}.",
             "config": ROOT / "services" / "rtml" / "demo" / "rtml.yaml",
+            "examples_dir": tmp_path / "examples",  # never the working directory's .rtml/examples
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):

@@ -1,25 +1,37 @@
-"""The feedback service: outcomes in, predictions joined with their labels out, online quality.
+"""The feedback service: outcomes in, predictions joined with their labels out, online quality, the loop.
 
-``create_app`` opens a producer, a Redis pool and the join consumer (group ``feedback`` over
-``predictions`` and ``outcomes``) as a background task; see ``rtml.feedback.consumer``; and the examples
-store's consumer (group ``feedback-examples`` over ``examples``, Parquet under ``examples_dir``; see
-``rtml.feedback.examples``). On shutdown each consumer finishes and commits its current batch (the examples
-store writes what it buffered first) and leaves its group before Redis and the producer close.
+``create_app`` opens a producer, a Redis pool and, as background tasks:
+- the join consumer (group ``feedback`` over ``predictions`` and ``outcomes``; ``rtml.feedback.consumer``);
+- the examples store's consumer (group ``feedback-examples`` over ``examples``, Parquet under
+  ``examples_dir``; ``rtml.feedback.examples``);
+- when a model declares a label rule, the label consumer (group ``feedback-labels`` over ``predictions``
+  and ``events``) and its sweeper (``rtml.feedback.labels``);
+- the learning loop (retraining and rollout decisions, ``rtml.feedback.learning``) and the quality gauges.
+On shutdown each consumer finishes and commits its current batch (the examples store writes what it
+buffered first) and leaves its group before Redis and the producer close.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from fastapi import FastAPI
 
 from rtml.core.app import ReadinessCheck, build_app
+from rtml.core.config import load_config
 from rtml.core.kafka import ConsumerLoop, Producer
 from rtml.core.redis import connect, ping
 from rtml.core.settings import Settings
 from rtml.feedback.consumer import GROUP_ID, TOPICS, Incoming, Joiner
 from rtml.feedback.examples import ExamplesWriter, examples_loop
+from rtml.feedback.labels import GROUP_ID as LABEL_GROUP_ID
+from rtml.feedback.labels import TOPICS as LABEL_TOPICS
+from rtml.feedback.labels import LabelRules, Seen, sweeping
+from rtml.feedback.learning import Learning
+from rtml.feedback.quality import publish_gauges_forever
 from rtml.feedback.routes import router
 
 
@@ -51,15 +63,52 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
         examples.run_in_background()
         stack.push_async_callback(examples.shutdown)
 
+        checks: dict[str, ReadinessCheck] = {}
+        # label rules: labels derived from the event stream, published as outcomes the join picks up
+        config = load_config(settings.platform_config_path())
+        rules = LabelRules(settings, config, redis, producer)
+        stack.push_async_callback(rules.aclose)
+        if rules.active:
+            labels: ConsumerLoop[Seen] = ConsumerLoop(
+                settings, name="feedback-labels", topics=LABEL_TOPICS, group_id=LABEL_GROUP_ID, decode=rules.decode,
+                handle=rules.handle, producer=producer, fetch_max_wait_ms=100,
+            )  # fmt: skip
+            await stack.enter_async_context(labels)
+            labels.run_in_background()
+            stack.push_async_callback(labels.shutdown)
+            await stack.enter_async_context(sweeping(rules))
+            checks["labels"] = labels.ready
+
+        # the learning loop: quality gauges, retraining, rollout decisions (every replica; one acts per model)
+        learning = Learning(settings, config, redis, producer, joiner.quality)
+        await stack.enter_async_context(background(learning.run_forever(), "learning-loop"))
+        await stack.enter_async_context(
+            background(publish_gauges_forever(joiner.quality, settings.learning_interval_s), "quality-gauges")
+        )
+
         app.state.producer = producer
         app.state.redis = redis
         app.state.join_loop = loop
         app.state.examples_loop = examples
+        app.state.quality = joiner.quality
+        app.state.learning = learning
 
         async def redis_ready() -> None:
             await ping(redis)
 
-        yield {"kafka": producer.ping, "redis": redis_ready, "join": loop.ready, "examples": examples.ready}
+        yield {"kafka": producer.ping, "redis": redis_ready, "join": loop.ready, "examples": examples.ready, **checks}
+
+
+@contextlib.asynccontextmanager
+async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``coro`` as a task for the duration of the block; cancelled and awaited when it ends."""
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -1,10 +1,10 @@
-"""HTTP routes of feedback: accept outcomes, report online model quality."""
+"""HTTP routes of feedback: accept outcomes, report online model quality and the learning loop's decisions."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from rtml.core.app import SettingsDep, require
 from rtml.core.config import load_config
@@ -15,6 +15,7 @@ from rtml.core.schemas import Outcome, OutcomeIn
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.feedback import quality
+from rtml.feedback.learning import Learning
 
 router = APIRouter(prefix="/v1")
 
@@ -64,3 +65,16 @@ def quality_store(request: Request, settings: Settings) -> quality.QualityStore:
         config = load_config(settings.platform_config_path())
         store = request.app.state.quality = quality.QualityStore(redis, Keys(settings.redis.key_prefix), config)
     return store
+
+
+@router.get("/models/{name}/decisions", dependencies=[require("read")])
+async def get_decisions(
+    name: Annotated[str, Path(min_length=1, max_length=256)],
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> dict[str, Any]:
+    """The learning loop's decisions about the model, newest first: retrainings (with the trigger and the
+    holdout numbers) and rollout steps (shadow → canary → promote / reject, guard → keep / rollback) with
+    the labels and metric values each one used. Empty for a model nothing was decided about yet."""
+    learning: Learning = request.app.state.learning
+    return {"model": name, "decisions": await learning.decisions(name, limit)}
