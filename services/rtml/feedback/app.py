@@ -29,7 +29,7 @@ from rtml.feedback.consumer import GROUP_ID, TOPICS, Incoming, Joiner
 from rtml.feedback.examples import ExamplesWriter, examples_loop
 from rtml.feedback.labels import GROUP_ID as LABEL_GROUP_ID
 from rtml.feedback.labels import TOPICS as LABEL_TOPICS
-from rtml.feedback.labels import LabelRules, Seen, sweeping
+from rtml.feedback.labels import LabelRules, Seen
 from rtml.feedback.learning import Learning
 from rtml.feedback.quality import publish_gauges_forever
 from rtml.feedback.routes import router
@@ -76,7 +76,7 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
             await stack.enter_async_context(labels)
             labels.run_in_background()
             stack.push_async_callback(labels.shutdown)
-            await stack.enter_async_context(sweeping(rules))
+            await stack.enter_async_context(background(rules.sweep_forever(), "label-sweeper"))
             checks["labels"] = labels.ready
 
         # the learning loop: quality gauges, retraining, rollout decisions (every replica; one acts per model)

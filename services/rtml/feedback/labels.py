@@ -30,7 +30,6 @@ once (the first outcome claims the prediction). Bad records are not dead-lettere
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import zlib
 from collections import defaultdict
@@ -345,17 +344,6 @@ class LabelRules:
             except Exception as exc:  # noqa: BLE001 -- leased members come back; the next round retries
                 log.warning("label sweep failed: %r", exc)
             await asyncio.sleep(interval_s)
-
-
-@contextlib.asynccontextmanager
-async def sweeping(rules: LabelRules, interval_s: float = SWEEP_INTERVAL_S) -> Any:
-    task = asyncio.create_task(rules.sweep_forever(interval_s), name="label-sweeper")
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _text(raw: Any) -> str:
