@@ -101,12 +101,17 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
 
 @contextlib.asynccontextmanager
 async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    """Run ``coro`` as a task for the duration of the block; cancelled and awaited when it ends."""
+    """Run ``coro`` as a task for the duration of the block; cancelled and awaited when it ends.
+
+    Cancelled again until it is done: a client library that turns a cancellation into its own error (and
+    a loop that logs errors and goes on) would otherwise keep the service from ever shutting down."""
     task = asyncio.create_task(coro, name=name)
     try:
         yield task
     finally:
-        task.cancel()
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
