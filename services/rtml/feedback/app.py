@@ -53,17 +53,10 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
             producer=producer,
             fetch_max_wait_ms=100,  # labels arrive minutes later: no need to poll the broker 100 times a second
         )
-        await stack.enter_async_context(loop)
-        loop.run_in_background()
-        stack.push_async_callback(loop.shutdown)
-
         # the examples store: Parquet files for training; its loop flushes and commits before it leaves
         examples = examples_loop(settings, producer, ExamplesWriter(settings))
-        await stack.enter_async_context(examples)
-        examples.run_in_background()
-        stack.push_async_callback(examples.shutdown)
-
-        checks: dict[str, ReadinessCheck] = {}
+        loops: list[ConsumerLoop[Any]] = [loop, examples]
+        checks: dict[str, ReadinessCheck] = {"join": loop.ready, "examples": examples.ready}
         # label rules: labels derived from the event stream, published as outcomes the join picks up
         config = load_config(settings.platform_config_path())
         rules = LabelRules(settings, config, redis, producer)
@@ -73,11 +66,11 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
                 settings, name="feedback-labels", topics=LABEL_TOPICS, group_id=LABEL_GROUP_ID, decode=rules.decode,
                 handle=rules.handle, producer=producer, fetch_max_wait_ms=100,
             )  # fmt: skip
-            await stack.enter_async_context(labels)
-            labels.run_in_background()
-            stack.push_async_callback(labels.shutdown)
-            await stack.enter_async_context(background(rules.sweep_forever(), "label-sweeper"))
+            loops.append(labels)
             checks["labels"] = labels.ready
+        await start_all(stack, loops)  # a consumer's start takes seconds on some brokers: not one after another
+        if rules.active:
+            await stack.enter_async_context(background(rules.sweep_forever(), "label-sweeper"))
 
         # the learning loop: quality gauges, retraining, rollout decisions (every replica; one acts per model)
         learning = Learning(settings, config, redis, producer, joiner.quality)
@@ -96,7 +89,22 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
         async def redis_ready() -> None:
             await ping(redis)
 
-        yield {"kafka": producer.ping, "redis": redis_ready, "join": loop.ready, "examples": examples.ready, **checks}
+        yield {"kafka": producer.ping, "redis": redis_ready, **checks}
+
+
+async def start_all(stack: contextlib.AsyncExitStack, loops: list[ConsumerLoop[Any]]) -> None:
+    """Start the consumer loops at once and run each in the background; on the way out each finishes and
+    commits its batch and leaves its group (``shutdown``), then closes. A failed start closes the others."""
+    results = await asyncio.gather(*(lp.start() for lp in loops), return_exceptions=True)
+    for lp, result in zip(loops, results, strict=True):
+        if not isinstance(result, BaseException):
+            stack.push_async_callback(lp.close)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    for lp in loops:
+        lp.run_in_background()
+        stack.push_async_callback(lp.shutdown)
 
 
 @contextlib.asynccontextmanager
