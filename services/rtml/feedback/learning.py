@@ -167,7 +167,7 @@ class Learning:
             live = await self.registry.live_version(name)
             if live is not None:
                 q = summarize((await self.quality.window(name, now)).get(live, Sums()), None)
-                numbers.update(live=live, window_count=q["count"], auc=q["auc"], log_loss=q["log_loss"])
+                numbers.update(live_version=live, window_count=q["count"], auc=q["auc"], log_loss=q["log_loss"])
                 if q["count"] >= policy.min_labels:
                     if policy.min_auc is not None and q["auc"] is not None and q["auc"] < policy.min_auc:
                         reason = "min_auc"
