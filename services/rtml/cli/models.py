@@ -8,7 +8,6 @@ announced).
 
 from __future__ import annotations
 
-import getpass
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -39,10 +38,9 @@ JSON_OPTION = typer.Option(False, "--json", help="print JSON instead of a table"
 
 
 def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+    from rtml.serving.train import current_user
+
+    return current_user()
 
 
 def _when(ms: int) -> str:

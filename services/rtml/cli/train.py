@@ -106,23 +106,15 @@ async def _from_examples(settings: Settings, model: str, then: str, since_ms: in
     from rtml.core.kafka import Producer
     from rtml.core.redis import connect
     from rtml.feedback.retrain import retrain_from_examples
+    from rtml.serving.train import current_user
 
     redis = connect(settings)
     try:
         async with Producer(settings) as producer:
             return await retrain_from_examples(settings, redis, model, then=then, since_ms=since_ms,  # type: ignore[arg-type]
-                                               producer=producer, by=f"rtml train ({_who()})")  # fmt: skip
+                                               producer=producer, by=f"rtml train ({current_user()})")  # fmt: skip
     finally:
         await redis.aclose()
-
-
-def _who() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def _num(v: Any) -> str:

@@ -300,7 +300,7 @@ def train_model(
         "source": str(examples) if examples is not None else "synthetic",
         "algorithm": "sklearn.GradientBoostingClassifier",
         "created_at": now_ms(),
-        "created_by": created_by or f"{_user()} (rtml {__version__})",
+        "created_by": created_by or f"{current_user()} (rtml {__version__})",
     }
     return TrainedModel(to_onnx_bytes(clf, len(features)), metadata)
 
@@ -375,12 +375,13 @@ def train_time_ordered(
         "algorithm": "sklearn.GradientBoostingClassifier",
         "compared_with": live.version if live is not None else None,
         "created_at": now_ms(),
-        "created_by": created_by or f"{_user()} (rtml {__version__})",
+        "created_by": created_by or f"{current_user()} (rtml {__version__})",
     }
     return TrainedModel(to_onnx_bytes(clf, len(features)), metadata)
 
 
-def _user() -> str:
+def current_user() -> str:
+    """Who is acting (``created_by``, ``by`` of registry changes); "unknown" when the OS cannot say."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
