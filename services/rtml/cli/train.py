@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from rtml.cli.common import CliError, err, load_client_settings, not_yet, quiet_logging, run
+from rtml.cli.common import CliError, err, load_client_settings, quiet_logging, run
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms, parse_duration_ms
+
+if TYPE_CHECKING:
+    from rtml.feedback.retrain import ExampleSource
 
 
 async def ensure_live_models(settings: Settings) -> list[str]:
@@ -34,7 +37,12 @@ def train(
     examples: Path | None = typer.Option(  # noqa: B008
         None, exists=True, dir_okay=False, help="JSONL of labelled examples (default: synthetic data)"
     ),
-    from_topic: bool = typer.Option(False, "--from-topic", help="train on rtml.examples (planned: issue 5)"),
+    from_topic: bool = typer.Option(
+        False,
+        "--from-topic",
+        help="train on the examples topic (rtml.examples), read from its start until no record came for 3 s "
+        "(rtml.feedback.examples.TOPIC_IDLE_S); otherwise as --from-examples",
+    ),  # fmt: skip
     from_examples: bool = typer.Option(
         False,
         "--from-examples",
@@ -43,12 +51,12 @@ def train(
     ),  # fmt: skip
     since: str | None = typer.Option(
         None,
-        help="with --from-examples: only examples predicted in this recent span (e.g. 2h); default: the "
+        help="with --from-examples/--from-topic: only examples predicted in this recent span (e.g. 2h); default: the "
         "model's retrain.train_window, else all",
     ),  # fmt: skip
     then: str = typer.Option(
         "shadow",
-        help="with --from-examples: shadow (start the candidate in shadow; online quality decides), "
+        help="with --from-examples/--from-topic: shadow (start the candidate in shadow; online quality decides), "
         "promote (make it live now) or none (only register it)",
     ),  # fmt: skip
     model: str = typer.Option("ctr", help="model name declared in rtml.yaml"),
@@ -60,16 +68,18 @@ def train(
         "--model, --examples and --no-promote do not apply",
     ),
 ) -> None:
-    """Train a model on synthetic data or --examples, export ONNX and register a version."""
-    if from_topic:
-        not_yet("train --from-topic", 5)
+    """Train a model on synthetic data, --examples, the examples store or the examples topic, export ONNX and
+    register a version."""
     from rtml.serving.registry import train_and_register
 
+    if from_topic and from_examples:
+        raise CliError("give either --from-examples or --from-topic, not both")
+    if examples is not None and (from_topic or from_examples):
+        raise CliError(f"give either --examples PATH or {'--from-topic' if from_topic else '--from-examples'}, "
+                       "not both")  # fmt: skip
     settings = load_client_settings()
     quiet_logging()
-    if from_examples:
-        if examples is not None:
-            raise CliError("give either --examples PATH or --from-examples, not both")
+    if from_examples or from_topic:
         if then not in ("shadow", "promote", "none"):
             raise CliError(f"--then must be shadow, promote or none, not {then!r}")
         since_ms = None
@@ -78,8 +88,11 @@ def train(
                 since_ms = now_ms() - parse_duration_ms(since)
             except ValueError as exc:
                 raise CliError(f"--since: {exc}") from None
-        with err.status(f"training {model} on the examples store…"):
-            done = run(_from_examples(settings, model, then, since_ms), settings)
+        if from_topic:
+            done = _train_from_topic(settings, model, then, since_ms)
+        else:
+            with err.status(f"training {model} on the examples store…"):
+                done = run(_from_examples(settings, model, then, since_ms), settings)
         m = done.metrics
         compared = (f"; live version {done.compared_with}: auc {_num(m.get('live_auc'))}, "
                     f"log loss {_num(m.get('live_logloss'))}" if done.compared_with else "")  # fmt: skip
@@ -102,7 +115,26 @@ def train(
     print(f"registered {model} version {version}{' (live)' if promote else ''}")
 
 
-async def _from_examples(settings: Settings, model: str, then: str, since_ms: int | None) -> Any:
+def _train_from_topic(settings: Settings, model: str, then: str, since_ms: int | None) -> Any:
+    """Read the examples topic with the rows read as progress, train; say what was skipped (stderr)."""
+    from rtml.feedback.retrain import TopicSource
+
+    topic = settings.topic("examples")
+    with err.status(f"training {model} from {topic}: reading…") as status:
+
+        def progress(records: int) -> None:
+            status.update(f"training {model} from {topic}: {records} records read…")
+
+        source = TopicSource(settings, progress=progress)
+        done = run(_from_examples(settings, model, then, since_ms, source), settings)
+    if source.found is not None and source.found.malformed:
+        err.print(f"rtml: warning: {source.found.summary()}; they are not trained on", markup=False)
+    return done
+
+
+async def _from_examples(
+    settings: Settings, model: str, then: str, since_ms: int | None, source: ExampleSource | None = None
+) -> Any:
     from rtml.core.kafka import Producer
     from rtml.core.redis import connect
     from rtml.feedback.retrain import retrain_from_examples
@@ -112,7 +144,8 @@ async def _from_examples(settings: Settings, model: str, then: str, since_ms: in
     try:
         async with Producer(settings) as producer:
             return await retrain_from_examples(settings, redis, model, then=then, since_ms=since_ms,  # type: ignore[arg-type]
-                                               producer=producer, by=f"rtml train ({current_user()})")  # fmt: skip
+                                               producer=producer, by=f"rtml train ({current_user()})",
+                                               source=source)  # fmt: skip
     finally:
         await redis.aclose()
 

@@ -22,17 +22,25 @@ Columns: prediction_id, model, version, label, score, predicted_at and labelled_
 item_id, entities and shadow (JSON strings), and one float64 column ``f_<feature>`` per feature served (null
 where the served value was null). A feature added later simply appears in the newer files; the reader
 unifies the schemas and reads the missing ones as null.
+
+Reading the topic instead (``read_topic_examples``, for ``rtml train --from-topic``) builds the same
+``ExampleTable`` from the records with the same dedup and ordering, so both sources train alike. It reads
+every partition from the beginning with a consumer that joins no group and commits nothing, and stops once
+no record has arrived for ``TOPIC_IDLE_S`` seconds: the end offsets cannot tell it where the topic ends, as
+they are wrong on the embedded Tansu broker (the base offset of the last batch + 1, not the next offset;
+they only serve as a lower bound that proves a read incomplete).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,12 +52,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from rtml.core import metrics
-from rtml.core.errors import InvalidInput, UnprocessableRecord
-from rtml.core.kafka import Consumed, ConsumerLoop, Producer
+from rtml.core.errors import DependencyUnavailable, InvalidInput, UnprocessableRecord
+from rtml.core.kafka import Consumed, ConsumerLoop, Producer, client_options
 from rtml.core.schemas import Example
 from rtml.core.settings import Settings
 
@@ -175,6 +184,17 @@ def write_stored(root: Path, rows: Sequence[Stored]) -> list[Path]:
     return paths
 
 
+def decode_example(record: ConsumerRecord) -> Example:
+    """An ``Example`` from an ``examples`` record, else ``UnprocessableRecord`` naming what is wrong."""
+    if record.value is None:
+        raise UnprocessableRecord("empty record value")
+    try:
+        return Example.model_validate_json(bytes(record.value))
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in exc.errors()[:5])
+        raise UnprocessableRecord(f"not an example: {errors}") from None
+
+
 class ExamplesWriter:
     """Handler (``decode``, ``handle``) and ``rtml.core.kafka.Buffer`` of the examples consumer loop."""
 
@@ -187,15 +207,7 @@ class ExamplesWriter:
 
     def decode(self, record: ConsumerRecord) -> Example:
         """An ``Example``, else ``UnprocessableRecord`` naming what is wrong (the loop dead-letters it)."""
-        if record.value is None:
-            raise UnprocessableRecord("empty record value")
-        try:
-            return Example.model_validate_json(bytes(record.value))
-        except ValidationError as exc:
-            errors = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in exc.errors()[:5]
-            )
-            raise UnprocessableRecord(f"not an example: {errors}") from None
+        return decode_example(record)
 
     async def handle(self, batch: list[Consumed[Example]]) -> None:
         if batch and not self._rows:
@@ -346,6 +358,144 @@ def read_examples(root: Path, model: str, *, since_ms: int | None = None) -> Exa
 
 def _since(since_ms: int | None) -> str:
     return "" if since_ms is None else f" predicted since {since_ms}"
+
+
+def examples_of(model: str, examples: Sequence[Example]) -> ExampleTable:
+    """The ``ExampleTable`` of ``examples`` (all of ``model``), deduplicated and ordered exactly as
+    ``read_examples`` does the stored ones. ``InvalidInput`` when there is none."""
+    if not examples:
+        raise InvalidInput(f"no examples for model {model!r}")
+    if any(ex.model != model for ex in examples):
+        raise ValueError(f"examples_of({model!r}) got examples of another model")
+    return ExampleTable(model, _dedup_ordered(examples_table(examples)))
+
+
+TOPIC_IDLE_S = 3.0  # the topic is read to its end once no record arrived for this long
+_MAX_STALLS = 3  # idle periods in a row with records known to be unread before giving up
+_FETCH_WAIT_MS = 200  # Tansu answers a fetch only when the wait is over: a few requests a second, not hundreds
+
+
+async def _behind(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> str:
+    """The partitions whose position is below their known end ("" when none). The end is the larger of the
+    listed end offset (exact on Apache Kafka, too low on Tansu) and the high watermark of the last fetch
+    response (exact on both, measured, but only as fresh as that fetch): a lower bound of the end, so this can
+    prove a read incomplete (a broker that stopped answering fetches for a while), never complete: that is the
+    idle wait's job."""
+    listed = await consumer.end_offsets(partitions)
+    behind = []
+    for tp in partitions:
+        position = await consumer.position(tp)
+        end = max(listed[tp], consumer.highwater(tp) or 0)
+        if position < end:
+            behind.append(f"partition {tp.partition} at {position} of {end}")
+    return ", ".join(behind)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRead:
+    """What reading the ``examples`` topic found: every record read, those that are not an ``Example`` (not
+    trained on: the examples store's consumer dead-letters them), and the examples of the model predicted
+    since the cut-off (before dedup)."""
+
+    topic: str
+    records: int
+    malformed: int
+    matched: int
+    first_malformed: str | None  # "partition/offset: reason" of the first malformed record
+
+    def summary(self) -> str:
+        bad = f", {self.malformed} not examples (first: {self.first_malformed})" if self.malformed else ""
+        return f"{self.records} records read from {self.topic}{bad}"
+
+
+async def read_topic_examples(
+    settings: Settings,
+    model: str,
+    *,
+    since_ms: int | None = None,
+    idle_s: float = TOPIC_IDLE_S,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[ExampleTable, TopicRead]:
+    """The examples of ``model`` on the ``examples`` topic predicted at or after ``since_ms`` (all when None),
+    as ``read_examples`` gives the stored ones (same dedup, same order), and what the read found.
+
+    Every partition is read from its beginning by a consumer in no group: it commits nothing and disturbs no
+    one. The end of the topic is where no record arrived for ``idle_s`` seconds (see the module docstring:
+    end offsets are not trusted) and no partition's position is below its end offset (a lower bound of the
+    end on every broker: it catches a broker that stopped serving fetches; ``DependencyUnavailable`` after
+    ``_MAX_STALLS`` idle periods of that). So a call takes at least ``idle_s`` seconds, and a producer that
+    keeps publishing keeps it reading. Records that are not an ``Example`` are counted in the ``TopicRead``, not
+    trained on and not raised. ``progress(records_read)`` is called after each fetch. ``InvalidInput`` when
+    no example is left, ``DependencyUnavailable`` when the broker cannot be reached.
+    """
+    topic = settings.topic(TOPIC)
+    consumer = AIOKafkaConsumer(
+        **client_options(settings.kafka),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=_FETCH_WAIT_MS,
+        max_poll_records=settings.kafka.max_poll_records,
+    )
+    kept: list[Example] = []
+    records = malformed = 0
+    first_malformed: str | None = None
+    try:
+        try:
+            await consumer.start()
+            topics = await consumer.topics()  # a metadata request for every topic: partitions are known after
+        except KafkaError as exc:
+            raise DependencyUnavailable("kafka", f"cannot read {topic}: {exc}") from exc
+        if topic not in topics:
+            raise InvalidInput(f"topic {topic} does not exist (no examples for model {model!r})")
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        loop = asyncio.get_running_loop()
+        last_record = loop.time()
+        wait_ms = max(1, int(min(idle_s, 1.0) * 1000))
+        stalls = 0
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=wait_ms)
+                if not batches:
+                    if loop.time() - last_record < idle_s:
+                        continue
+                    behind = await _behind(consumer, partitions)
+                    if not behind:
+                        break
+                    # records we know exist did not come: the broker is not serving them (yet)
+                    stalls += 1
+                    if stalls >= _MAX_STALLS:
+                        raise DependencyUnavailable("kafka", f"reading {topic} stalled before its end ({behind})")
+                    last_record = loop.time()
+                    continue
+            except KafkaError as exc:
+                raise DependencyUnavailable("kafka", f"reading {topic} failed: {exc}") from exc
+            last_record = loop.time()
+            stalls = 0
+            for batch in batches.values():
+                for record in batch:
+                    records += 1
+                    try:
+                        ex = decode_example(record)
+                    except UnprocessableRecord as exc:
+                        malformed += 1
+                        if first_malformed is None:
+                            first_malformed = f"partition {record.partition} offset {record.offset}: {exc.message}"
+                        continue
+                    if ex.model == model and (since_ms is None or ex.predicted_at >= since_ms):
+                        kept.append(ex)
+            if progress is not None:
+                progress(records)
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+    read = TopicRead(topic, records, malformed, len(kept), first_malformed)
+    if not kept:
+        raise InvalidInput(f"no examples for model {model!r}{_since(since_ms)}: {read.summary()}")
+    table = await asyncio.to_thread(examples_of, model, kept)
+    return table, read
 
 
 def _dedup_ordered(table: pa.Table) -> pa.Table:
