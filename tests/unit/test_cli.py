@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from rtml.cli.main import app
@@ -52,13 +51,6 @@ def test_unknown_option_is_one_clear_line() -> None:
     result = runner.invoke(app, ["simulate", "--no-such-option"])
     assert result.exit_code == 2
     assert "--no-such-option" in one_line(result.stderr)
-
-
-@pytest.mark.parametrize(("args", "issue"), [(["train", "--from-topic"], 5)])
-def test_planned_commands_say_so_and_exit_2(args: list[str], issue: int) -> None:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert f"not implemented yet (planned in issue {issue})" in one_line(result.stderr)
 
 
 def test_no_embedded_names_the_missing_variable(tmp_path: Path) -> None:

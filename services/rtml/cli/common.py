@@ -11,9 +11,8 @@ import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
-import typer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -81,12 +80,6 @@ def run(coro: Coroutine[Any, Any, T], settings: Settings | None = None) -> T:
     except RedisError as exc:
         where = settings.redis.url if settings is not None else "Redis"
         raise CliError(f"Redis at {where} does not answer: {exc}") from None
-
-
-def not_yet(what: str, issue: int) -> NoReturn:
-    """Commands of the contract that later issues implement: say so, exit 2."""
-    print(f"rtml: {what} is not implemented yet (planned in issue {issue})", file=sys.stderr)
-    raise typer.Exit(2)
 
 
 def configure_logging(level: str) -> None:
