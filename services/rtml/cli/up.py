@@ -179,11 +179,13 @@ class Platform:
 
     def start_simulators(self) -> None:
         self.simulators = [
+            # --score-purchases: serving scores each purchase with fraud, so chargebacks label fraud too
             Child("simulate", rtml_argv("simulate", "--via", "http", "--rate", "50", "--duration", "0",
-                                        "--keep-going"), self.env, self.log_dir),
+                                        "--keep-going", "--score-purchases"), self.env, self.log_dir),
             Child("outcomes", rtml_argv("simulate-outcomes", "--rate", "2"), self.env, self.log_dir),
         ]  # fmt: skip
-        err.print("demo: clickstream at 50 events/s and outcomes at 2 recommendation rounds/s")
+        err.print("demo: clickstream at 50 events/s (each purchase scored by fraud) and outcomes at 2 "
+                  "recommendation rounds/s")
 
     # -- run --------------------------------------------------------------------------------------------
     def watch(self) -> int:
