@@ -184,8 +184,9 @@ class Platform:
                                         "--keep-going", "--score-purchases"), self.env, self.log_dir),
             Child("outcomes", rtml_argv("simulate-outcomes", "--rate", "2"), self.env, self.log_dir),
         ]  # fmt: skip
-        err.print("demo: clickstream at 50 events/s (each purchase scored by fraud) and outcomes at 2 "
-                  "recommendation rounds/s")
+        err.print(
+            "demo: clickstream at 50 events/s (each purchase scored by fraud) and outcomes at 2 recommendation rounds/s"
+        )
 
     # -- run --------------------------------------------------------------------------------------------
     def watch(self) -> int:
