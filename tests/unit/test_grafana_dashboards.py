@@ -397,3 +397,10 @@ def test_compose_mounts_what_provisioning_expects() -> None:
         mounts[target] = str(Path(source).as_posix()).removeprefix("./")
     assert mounts.get(DASHBOARDS_MOUNT) == "deploy/grafana/dashboards", mounts
     assert mounts.get(PROVISIONING_MOUNT) == "deploy/grafana/provisioning", mounts
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    home = environment.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home is not None:
+        assert home.startswith(DASHBOARDS_MOUNT + "/"), home
+        assert home.removeprefix(DASHBOARDS_MOUNT + "/") in DASHBOARDS, f"{home}: no such dashboard file"
