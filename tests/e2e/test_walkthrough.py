@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,60 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rtml.core.embedded import free_port
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer, decode_json
 from rtml.core.settings import SERVICES, Settings
+from tests.e2e.conftest import Platform
 
 pytestmark = pytest.mark.e2e
-
-
-class Platform:
-    def __init__(self, proc: subprocess.Popen[bytes], urls: dict[str, str], env: dict[str, str]) -> None:
-        self.proc = proc
-        self.urls = urls
-        self.env = env
-
-    def settings(self) -> Settings:
-        return Settings(
-            kafka={"bootstrap": self.env["RTML_KAFKA_BOOTSTRAP"]},
-            redis={"url": self.env["RTML_REDIS_URL"], "key_prefix": self.env["RTML_REDIS_KEY_PREFIX"]},
-            topic_prefix=self.env["RTML_TOPIC_PREFIX"],
-        )
-
-
-@pytest.fixture
-def platform(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[Platform]:
-    unique = uuid.uuid4().hex[:8]
-    env = {
-        **os.environ,
-        "RTML_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "RTML_REDIS_URL": redis_url,
-        "RTML_TOPIC_PREFIX": f"e2e{unique}.",
-        "RTML_REDIS_KEY_PREFIX": f"e2e{unique}:",
-        "RTML_CONFIG": str(Path(__file__).resolve().parents[2] / "services" / "rtml" / "demo" / "rtml.yaml"),
-        **{f"RTML_{s.upper()}_PORT": str(free_port()) for s in SERVICES},
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rtml.cli.main", "up", "--run-dir", str(tmp_path)],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    urls: dict[str, str] = {}
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while len(urls) < 4 and time.monotonic() < deadline:
-        line = proc.stdout.readline().decode()
-        if not line:
-            break
-        name, _, value = line.strip().partition(" ")
-        if name in SERVICES:
-            urls[name] = value.strip()
-    if len(urls) < 4:
-        proc.kill()
-        _, stderr = proc.communicate()
-        pytest.fail(f"rtml up did not print its URLs: {stderr.decode()[-2000:]}")
-    try:
-        yield Platform(proc, urls, env)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def descendants(pid: int) -> set[int]:
