@@ -18,7 +18,7 @@ import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -162,17 +162,20 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_hook(app, settings) as checks:
-            app.state.checks = checks
-            # Start-up objects (modules, sessions, config) never die: move them out of the GC's sight so
-            # collections on the request path stay short (measured: most tail latency is GC pauses).
-            gc.collect()
-            gc.freeze()
-            # Young collections every 10,000 allocations instead of 700: a predict request allocates a few
-            # hundred objects, so the default collected every couple of requests, on the request path.
-            gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
-            metrics.watch_gc()
-            yield
+        try:
+            async with open_hook(app, settings) as checks:
+                app.state.checks = checks
+                # Start-up objects (modules, sessions, config) never die: move them out of the GC's sight so
+                # collections on the request path stay short (measured: most tail latency is GC pauses).
+                gc.collect()
+                gc.freeze()
+                # Young collections every 10,000 allocations instead of 700: a predict request allocates a few
+                # hundred objects, so the default collected every couple of requests, on the request path.
+                gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+                metrics.watch_gc()
+                yield
+        finally:
+            metrics.process_exited()  # several workers: this one's "live" gauges stop counting
 
     app = app_class(
         title=f"rtml {service}",
@@ -225,7 +228,8 @@ def build_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # Several workers (multiprocess mode): whichever worker answers merges the files of all of them.
+        return PlainTextResponse(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, overrides=body_limits)
     app.add_middleware(MetricsMiddleware, service=service)

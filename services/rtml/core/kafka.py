@@ -4,6 +4,12 @@ Works on Apache Kafka and on the embedded Tansu broker; it relies on nothing onl
 never trust ``latest``/``end_offsets`` (wrong on Tansu with batching producers): they start from the
 committed offset or ``earliest`` and commit manually after a batch is fully applied, so every handler
 must be idempotent (rtml's are: features dedup by event_id, feedback by prediction_id).
+
+Consumer lag (``rtml_consumer_lag_records``) is the partition's end minus the group's committed offset. The
+end is the larger of the high watermark of the latest fetch response (exact on both brokers, but only as
+fresh as the last fetch of that partition) and a periodic ListOffsets ``end_offsets`` (always fresh on
+Apache Kafka; on Tansu it answers the base offset of the last record batch, i.e. too low, measured) — so it is
+right on both and never negative.
 """
 
 from __future__ import annotations
@@ -358,10 +364,10 @@ class ConsumerLoop(Generic[T]):
         self._max_in_flight = max(1, max_in_flight)
         self._stopping = asyncio.Event()
         self._topics = [settings.topic(t) for t in topics]
+        self.group = f"{settings.topic_prefix}{group_id}"
         self._consumer = AIOKafkaConsumer(
-            *(self._topics if buffer is None else ()),
             **client_options(k),
-            group_id=f"{settings.topic_prefix}{group_id}",
+            group_id=self.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=k.fetch_max_wait_ms if fetch_max_wait_ms is None else fetch_max_wait_ms,
@@ -378,8 +384,11 @@ class ConsumerLoop(Generic[T]):
         self._pending_n = 0
         self._flush_lock = asyncio.Lock()  # one of: handle a batch, flush + commit, revoke
         self._revocations = 0  # a batch fetched before a revocation is stale
-        if buffer is not None:
-            self._consumer.subscribe(self._topics, listener=_FlushOnRevoke(self))
+        # lag: per owned partition, the group's committed offset and the end offset the broker last listed
+        self._committed: dict[TopicPartition, int] = {}
+        self._listed: dict[TopicPartition, int] = {}
+        self._lag_wake = asyncio.Event()
+        self._consumer.subscribe(self._topics, listener=_OnRebalance(self))
 
     async def start(self) -> None:
         try:
@@ -467,6 +476,15 @@ class ConsumerLoop(Generic[T]):
         previous one waits on Redis); offsets are still committed strictly in order, each only after its
         batch and every batch before it succeeded.
         """
+        lag_task = asyncio.create_task(self._watch_lag(), name=f"lag-{self.name}")
+        try:
+            return await self._run(timeout, count)
+        finally:
+            lag_task.cancel()
+            with contextlib.suppress(BaseException):
+                await lag_task
+
+    async def _run(self, timeout: float | None, count: int | None) -> int:  # noqa: ASYNC109
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         backoff = 0.1
@@ -498,6 +516,7 @@ class ConsumerLoop(Generic[T]):
                     log.warning("%s: fetch failed (%s); retrying", self.name, exc)
                     await asyncio.sleep(0.5)
                     continue
+                self._report_lag()
                 if batches:
                     inflight.append((asyncio.create_task(self._work(batches, revocations)), batches))
             if not inflight or (batches and len(inflight) < self._max_in_flight and not inflight[0][0].done()):
@@ -616,12 +635,15 @@ class ConsumerLoop(Generic[T]):
         except KafkaError as exc:
             # Rebalanced away or broker gone: the records will be redelivered; handlers are idempotent.
             log.warning("%s: commit failed (%s); records will be redelivered", self.name, exc)
+        else:
+            assigned = self._consumer.assignment()
+            for tp, offset in offsets.items():
+                if tp in assigned:  # revoked meanwhile: its new owner reports it
+                    self._committed[tp] = offset
+                    metrics.CONSUMER_POSITION.labels(self.name, tp.topic, str(tp.partition)).set(offset)
+            self._report_lag()
         self.processed += n
         metrics.CONSUMED.labels(consumer=self.name).inc(n)
-        for tp, offset in offsets.items():
-            metrics.CONSUMER_POSITION.labels(consumer=self.name, topic=tp.topic, partition=str(tp.partition)).set(
-                offset
-            )
 
     async def _flush(self) -> bool:
         """Buffered mode, under ``_flush_lock``: flush the buffer, then commit what it covered. False (nothing
@@ -647,16 +669,81 @@ class ConsumerLoop(Generic[T]):
         self._pending, self._pending_n = {}, 0
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before a rebalance hands the partitions to others: flush and commit, or discard what cannot be."""
+        """Before a rebalance hands the partitions to others: (buffered) flush and commit, or discard what
+        cannot be; stop reporting the lag of partitions another member will own."""
         if not revoked:
             return  # the first join: nothing was assigned
-        async with self._flush_lock:
-            self._revocations += 1
-            if not await self._flush():
-                self._discard()
+        if self._buffer is not None:
+            async with self._flush_lock:
+                self._revocations += 1
+                if not await self._flush():
+                    self._discard()
+        self._forget_lag(revoked)
+
+    # -- consumer lag -------------------------------------------------------------------------------------
+
+    def _lag_labels(self, tp: TopicPartition) -> tuple[str, str, str, str]:
+        return (self.name, self.group, tp.topic, str(tp.partition))
+
+    def _report_lag(self) -> None:
+        """Set the lag gauge of every owned partition whose committed offset and end are known (cheap: local
+        state only; called after every fetch and commit and by ``_watch_lag``)."""
+        for tp in self._consumer.assignment():
+            committed = self._committed.get(tp)
+            if committed is None:
+                self._lag_wake.set()  # newly assigned: _watch_lag asks the broker for its committed offset
+                continue
+            end = max(self._consumer.highwater(tp) or -1, self._listed.get(tp, -1))
+            if end >= 0:
+                metrics.CONSUMER_LAG.labels(*self._lag_labels(tp)).set(max(0, end - committed))
+
+    def _forget_lag(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._committed.pop(tp, None)
+            self._listed.pop(tp, None)
+            metrics.drop(metrics.CONSUMER_LAG, *self._lag_labels(tp))
+            metrics.drop(metrics.CONSUMER_POSITION, self.name, tp.topic, str(tp.partition))
+
+    async def _watch_lag(self) -> None:
+        """Every ``kafka.lag_interval_s`` (and at once when partitions were newly assigned): learn the committed
+        offset of partitions new to this member and the end offsets of all it owns, then report. Errors are
+        logged and the next round tries again; the lag stays as the fetches and commits report it."""
+        interval = self._settings.kafka.lag_interval_s
+        try:
+            while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that meets the event being set
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self._lag_wake.wait()
+                self._lag_wake.clear()
+                try:
+                    await self._refresh_lag()
+                except Exception as exc:  # noqa: BLE001 -- lag is best effort; the loop itself reports failures
+                    log.debug("%s: cannot refresh the consumer lag: %r", self.name, exc)
+                    await asyncio.sleep(min(interval, 1.0))  # a broker that is down is not asked in a tight loop
+        finally:
+            self._forget_lag(set(self._committed) | set(self._listed))
+
+    async def _refresh_lag(self) -> None:
+        assigned = set(self._consumer.assignment())
+        if not assigned:
+            return
+        fresh = [tp for tp in assigned if tp not in self._committed]
+        if fresh:
+            starts = await self._consumer.beginning_offsets(fresh)
+            for tp in fresh:
+                committed = await self._consumer.committed(tp)
+                if tp in self._consumer.assignment():  # still ours; setdefault: a commit of ours meanwhile wins
+                    # never committed: the group starts at the earliest record (auto_offset_reset="earliest")
+                    self._committed.setdefault(tp, starts[tp] if committed is None else committed)
+        ends = await self._consumer.end_offsets(list(assigned))
+        for tp, end in ends.items():
+            if tp in self._consumer.assignment():
+                self._listed[tp] = end
+        self._report_lag()
 
 
-class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+class _OnRebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     def __init__(self, loop: ConsumerLoop[Any]) -> None:
         self._loop = loop
 

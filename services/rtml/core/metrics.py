@@ -1,18 +1,40 @@
 """The one metrics module: every Prometheus metric of rtml is declared here.
 
-Names follow Prometheus conventions (base units, ``_seconds``, ``_total``). Every service runs in its own
-process; ``service`` labels the HTTP metrics so one dashboard query covers all four.
+Names follow Prometheus conventions (base units, ``_seconds``, ``_bytes``, ``_total``).
+
+The ``service`` label. The HTTP metrics carry ``service`` themselves (their code is shared by all four
+services and one query must cover all of them). Every other series gets ``service`` at scrape time from the
+Prometheus target: deploy/prometheus/prometheus.yml labels each target ``service: ingest|features|serving|
+feedback`` (any other Prometheus must set ``service`` on its targets the same way). Scrape with
+``honor_labels: true`` so the HTTP metrics' own ``service`` is kept as is rather than renamed to
+``exported_service`` (the values are the same either way). A metric that only one service emits
+(``rtml_ingest_*``, ``rtml_features_*``, ``rtml_predictions_*``, ...) therefore needs no label of its own.
+
+Several uvicorn workers (``RTML_WORKERS`` > 1, see rtml.cli.serve). ``rtml serve`` then points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start, prometheus_client keeps every
+value in a per-process file there, and ``GET /metrics`` (any worker) merges the files of all workers
+(``scrape()``): counters and histograms are summed over workers (dead ones included, so totals never go
+back), and every gauge declares how its workers combine (``multiprocess_mode``: ``livesum``, ``livemax``,
+``livemostrecent``; "live" = only workers still running, a worker's files are marked dead when it exits).
+A series cannot be removed in that mode, so code that drops a gauge's series calls ``drop()``, which sets it
+to a neutral value there instead. With one worker (the default) nothing of this is used.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+# prometheus_client chose its value class once, at import, from PROMETHEUS_MULTIPROC_DIR: this is that choice
+# (read from the library, so it can never disagree with how the values below are stored).
+MULTIPROCESS: bool = bool(getattr(values.ValueClass, "_multiprocess", False))
 
 # 0.25 ms .. 2.5 s: sub-millisecond resolution where serving lives, seconds where timeouts live.
 LATENCY_BUCKETS = (
@@ -43,7 +65,15 @@ CONSUMER_RESTARTS = Counter(
 )
 CONSUMER_RETRIES = Counter("rtml_consumer_retries_total", "Batches retried after a retriable error.", ["consumer"])
 CONSUMER_POSITION = Gauge(
-    "rtml_consumer_committed_offset", "Last committed offset.", ["consumer", "topic", "partition"]
+    "rtml_consumer_committed_offset", "Last committed offset of each partition this member owns.",
+    ["consumer", "topic", "partition"], multiprocess_mode="livemax",
+)  # fmt: skip
+CONSUMER_LAG = Gauge(
+    "rtml_consumer_lag_records",
+    "Records of a partition not yet committed by its consumer group: the partition's high watermark (from the "
+    "latest fetch response) minus the group's committed offset. Reported by the member that owns the partition.",
+    ["consumer", "group", "topic", "partition"],
+    multiprocess_mode="livemax",
 )
 DEAD_LETTERS = Counter("rtml_deadletter_total", "Records sent to the dead-letter topic.", ["topic"])
 
@@ -87,8 +117,13 @@ PREDICTION_LOG_DROPPED = Counter(
 )
 MODEL_LOAD_ERRORS = Counter("rtml_model_load_errors_total", "Live versions a replica failed to load.", ["model"])
 MODEL_POLL_ERRORS = Counter("rtml_model_poll_errors_total", "Registry polls that failed (Redis down).")
-PREDICTION_LOG_PENDING = Gauge("rtml_prediction_log_pending", "Prediction records waiting to be published.")
-MODEL_LIVE_VERSION = Gauge("rtml_model_live_info", "1 for the version each replica serves.", ["model", "version"])
+PREDICTION_LOG_PENDING = Gauge(
+    "rtml_prediction_log_pending", "Prediction records waiting to be published.", multiprocess_mode="livesum"
+)
+MODEL_LIVE_VERSION = Gauge(
+    "rtml_model_live_info", "1 for the version each replica serves (0 or absent: not served).",
+    ["model", "version"], multiprocess_mode="livemax",
+)  # fmt: skip
 
 # process
 GC_PAUSE_SECONDS = Histogram(
@@ -115,10 +150,11 @@ MODEL_QUALITY = Gauge(
     "Online quality per model version over its quality window: count, positive_rate, mean_score, log_loss, "
     "auc, calibration_error, score_psi.",
     ["model", "version", "metric"],
+    multiprocess_mode="livemostrecent",
 )
 FEATURE_PSI = Gauge(
     "rtml_model_feature_psi", "Drift of each input against training (PSI), over the quality window.",
-    ["model", "version", "feature"],
+    ["model", "version", "feature"], multiprocess_mode="livemostrecent",
 )  # fmt: skip
 RETRAINS = Counter(
     "rtml_retrains_total", "Automatic and manual trainings from stored examples.", ["model", "trigger", "result"]
@@ -132,6 +168,40 @@ SHADOW_PREDICTIONS = Counter(
     "rtml_shadow_predictions_total", "Scores of a candidate or guard version that were not returned.",
     ["model", "version"],
 )  # fmt: skip
+
+
+def drop(gauge: Gauge, *labelvalues: str, absent: float = 0.0) -> None:
+    """Forget one series of a labelled gauge (a partition revoked, a version no longer served or measured).
+
+    One process: the series is removed from the exposition. Multiprocess mode cannot remove it (its value
+    lives in this worker's file), so it is set to ``absent`` instead: 0 for gauges combined with ``livemax``
+    (another worker's real value wins), NaN for measurements (every PromQL comparison with NaN is false, so
+    no alert fires on it)."""
+    if MULTIPROCESS:
+        gauge.labels(*labelvalues).set(absent)
+        return
+    try:
+        gauge.remove(*labelvalues)
+    except KeyError:
+        pass
+
+
+def scrape() -> bytes:
+    """The Prometheus text of this process, or, in multiprocess mode, of every worker of this service merged
+    (a fresh registry per scrape, as prometheus_client prescribes: the files of new workers are seen)."""
+    if not MULTIPROCESS:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def process_exited(pid: int | None = None) -> None:
+    """Multiprocess mode: stop counting the "live" gauges of a worker that ended (``pid``, default this
+    process). Each worker calls it when its app shuts down and ``rtml serve`` for workers that died; counters
+    and histograms of the worker stay, so totals never go back. Nothing to do with one process."""
+    if MULTIPROCESS:
+        mark_process_dead(os.getpid() if pid is None else pid)  # type: ignore[no-untyped-call]
 
 
 def observe_many(histogram: Histogram, values: Iterable[float]) -> None:

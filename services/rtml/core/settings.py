@@ -49,6 +49,9 @@ class KafkaSettings(BaseModel):
     max_poll_records: int = 2_000
     partitions: int = 4
     replication_factor: int = 1
+    # How often each consumer asks the broker for its partitions' end offsets, for rtml_consumer_lag_records
+    # (between asks the lag follows every fetch and commit). RTML_KAFKA_LAG_INTERVAL_S.
+    lag_interval_s: float = Field(default=5.0, gt=0)
 
 
 class RedisSettings(BaseModel):
@@ -83,6 +86,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     host: str = "127.0.0.1"
+    # uvicorn worker processes per service (`rtml serve`); more than 1 turns on prometheus-client's
+    # multiprocess mode so /metrics counts every worker (see rtml.core.metrics).
+    workers: int = Field(default=1, ge=1)
     ingest_port: int = 8001
     features_port: int = 8002
     serving_port: int = 8003

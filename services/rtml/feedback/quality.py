@@ -26,7 +26,6 @@ holds a connection of its own to close; not worth it off the request path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections import Counter
@@ -331,11 +330,9 @@ class GaugePublisher:
         for labels, value in psi.items():
             metrics.FEATURE_PSI.labels(*labels).set(value)
         for labels in self._quality - quality.keys():
-            with contextlib.suppress(KeyError):
-                metrics.MODEL_QUALITY.remove(*labels)
+            metrics.drop(metrics.MODEL_QUALITY, *labels, absent=math.nan)
         for labels in self._psi - psi.keys():
-            with contextlib.suppress(KeyError):
-                metrics.FEATURE_PSI.remove(*labels)
+            metrics.drop(metrics.FEATURE_PSI, *labels, absent=math.nan)
         self._quality, self._psi = set(quality), set(psi)
 
 

@@ -14,7 +14,6 @@ in ``MODEL_LOAD_ERRORS`` and logged; the replica serves the live version alone m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -117,8 +116,7 @@ class LiveModels:
         was = current.live.version if current else None
         if was != entry.live.version:
             if was is not None:
-                with contextlib.suppress(KeyError):
-                    metrics.MODEL_LIVE_VERSION.remove(name, was)
+                metrics.drop(metrics.MODEL_LIVE_VERSION, name, was)
             metrics.MODEL_LIVE_VERSION.labels(name, entry.live.version).set(1)
         other = f"; {entry.stage} {entry.other.version}" if entry.other else ""
         log.info("serving model %s version %s%s%s", name, entry.live.version, other,
