@@ -9,6 +9,7 @@ installs it). The house rules need only the YAML.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
+
+import rtml.core.metrics  # noqa: F401 -- registers every rtml metric in REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -86,6 +90,20 @@ def test_every_alert_waits_has_a_severity_and_says_what_to_do() -> None:
         assert rule["labels"]["severity"] in ("critical", "warning"), name
         annotations = rule["annotations"]
         assert annotations["summary"].strip() and len(annotations["description"]) > 80, name
+
+
+def test_the_rules_read_only_metrics_rtml_exposes_and_series_they_record() -> None:
+    """promtool cannot know rtml's metric names: a renamed metric would leave an alert that never fires."""
+    exposed = set(REGISTRY._names_to_collectors)  # noqa: SLF001 -- every sample name, incl. _total/_bucket
+    rule_list = [rule for group in load(RULES)["groups"] for rule in group["rules"]]
+    recorded = {rule["record"] for rule in rule_list if "record" in rule}
+    for rule in rule_list:
+        expr = rule["expr"]
+        for name in re.findall(r"\b[a-z_]+:[a-z0-9_:]+", expr):
+            assert name in recorded, f"{rule.get('record') or rule['alert']} reads {name}, which no rule records"
+        bare = re.sub(r"\b[a-z_]+:[a-z0-9_:]+", " ", expr)
+        for name in re.findall(r"(?<![\w:])rtml_[a-z0-9_]+", bare):
+            assert name in exposed, f"{rule.get('record') or rule['alert']} reads {name}, which rtml does not expose"
 
 
 def _checks(test_file: Path) -> tuple[dict[str, int], dict[str, int]]:
