@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rtml.core import metrics
 from rtml.core.redis import Call, Keys, Redis, Scripts, script_source
 from rtml.feedback.join import Side, Slot
 
@@ -63,5 +64,6 @@ class JoinStore:
             ("join", [slot_key(self.keys, r.prediction_id)], [r.side, r.lane, r.value, r.token, r.ttl_ms or ttl])
             for r in records
         ]
-        replies = await self.scripts.run(calls, "join script")
+        with metrics.REDIS_SECONDS.labels(op="join").time():
+            replies = await self.scripts.run(calls, "join script")
         return [_slot(reply) for reply in replies]
