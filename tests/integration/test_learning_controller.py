@@ -131,7 +131,7 @@ async def test_low_live_auc_retrains_from_the_store_and_starts_the_candidate_in_
     await quality.record(labelled(40, v1, good=None, bad=v1, seed=7, start=now))
     [d] = await learning.step(["ctr"])
     assert d["decision"] == "retrain_skipped" and "no stored examples" in d["reason"], "the store is still empty"
-    assert d["numbers"]["trigger"] == "min_auc" and d["numbers"]["auc"] < 0.7
+    assert d["numbers"]["trigger"] == "min_auc" and d["numbers"]["window_auc"] < 0.7
 
     # the store fills: examples whose label follows user_items_24h
     rng = random.Random(8)
@@ -147,7 +147,8 @@ async def test_low_live_auc_retrains_from_the_store_and_starts_the_candidate_in_
     assert await learning.step(["ctr"], now=now + 30_000) == [], "a skipped training waits a minute"
     [d] = await learning.step(["ctr"], now=now + 61_000)
     assert d["decision"] == "retrained" and d["numbers"]["trigger"] == "min_auc"
-    assert d["numbers"]["auc"] > 0.9 and d["numbers"]["compared_with"] == v1
+    assert d["numbers"]["auc"] > 0.9 and d["numbers"]["compared_with"] == v1, "the holdout's auc"
+    assert d["numbers"]["window_auc"] < 0.7, "next to the live version's windowed auc that triggered it"
     rollout = await registry.rollout("ctr")
     assert rollout is not None and (rollout.stage, rollout.version) == ("shadow", d["numbers"]["version"])
     assert await registry.live_version("ctr") == v1

@@ -167,7 +167,9 @@ class Learning:
             live = await self.registry.live_version(name)
             if live is not None:
                 q = summarize((await self.quality.window(name, now)).get(live, Sums()), None)
-                numbers.update(live_version=live, window_count=q["count"], auc=q["auc"], log_loss=q["log_loss"])
+                # window_*: the live version's online quality; a retraining adds the holdout's auc/logloss next to them
+                numbers.update(live_version=live, window_count=q["count"], window_auc=q["auc"],
+                               window_log_loss=q["log_loss"])  # fmt: skip
                 if q["count"] >= policy.min_labels:
                     if policy.min_auc is not None and q["auc"] is not None and q["auc"] < policy.min_auc:
                         reason = "min_auc"
