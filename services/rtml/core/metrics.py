@@ -70,8 +70,9 @@ CONSUMER_POSITION = Gauge(
 )  # fmt: skip
 CONSUMER_LAG = Gauge(
     "rtml_consumer_lag_records",
-    "Records of a partition not yet committed by its consumer group: the partition's high watermark (from the "
-    "latest fetch response) minus the group's committed offset. Reported by the member that owns the partition.",
+    "Records of a partition not yet committed by its consumer group: the partition's end (the larger of the latest "
+    "fetch response's high watermark and a periodic ListOffsets answer) minus the group's committed offset. "
+    "Reported by the member that owns the partition.",
     ["consumer", "group", "topic", "partition"],
     multiprocess_mode="livemax",
 )
@@ -157,7 +158,7 @@ FEATURE_PSI = Gauge(
     ["model", "version", "feature"], multiprocess_mode="livemostrecent",
 )  # fmt: skip
 RETRAINS = Counter(
-    "rtml_retrains_total", "Automatic and manual trainings from stored examples.", ["model", "trigger", "result"]
+    "rtml_retrains_total", "Trainings the learning loop started (manual `rtml train` runs are not counted).", ["model", "trigger", "result"]
 )
 ROLLOUT_DECISIONS = Counter(
     "rtml_rollout_decisions_total",
