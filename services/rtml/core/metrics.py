@@ -158,7 +158,9 @@ FEATURE_PSI = Gauge(
     ["model", "version", "feature"], multiprocess_mode="livemostrecent",
 )  # fmt: skip
 RETRAINS = Counter(
-    "rtml_retrains_total", "Trainings the learning loop started (manual `rtml train` runs are not counted).", ["model", "trigger", "result"]
+    "rtml_retrains_total",
+    "Trainings the learning loop started (manual `rtml train` runs are not counted).",
+    ["model", "trigger", "result"],
 )
 ROLLOUT_DECISIONS = Counter(
     "rtml_rollout_decisions_total",
