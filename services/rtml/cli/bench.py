@@ -53,6 +53,11 @@ def bench(
         False, "--swap", help="predict: promote a copy of the live model under load and report the hot swap"
     ),
     out: Path | None = typer.Option(None, help="also write the JSON summary here"),  # noqa: B008
+    plot: Path | None = typer.Option(  # noqa: B008
+        None,
+        help="predict, recommend, ingest, freshness: also draw latency percentiles and throughput, rtml vs "
+        "the same-run baseline, into this PNG (needs the optional extra: pip install 'rtml[plot]')",
+    ),
 ) -> None:
     """Measure against a running platform (rtml up) and print a JSON summary: medians and same-run baselines."""
     from rtml.bench.runner import run_bench
@@ -84,6 +89,8 @@ def bench(
         if concurrency and len(concurrency) > 1:
             raise CliError("--swap runs at one concurrency: give --concurrency once", exit_code=2)
         opts["swap"] = True
+    if plot is not None:
+        _check_plot(kind, plot, swap)
     try:
         with err.status(f"benchmarking {kind.value}…"):
             result = run_bench(kind.value, settings, **opts)
@@ -95,6 +102,28 @@ def bench(
     if out is not None:
         out.write_text(text + "\n")
     print(text)
+    if plot is not None:
+        from rtml.report.bench_plot import plot_bench
+
+        plot_bench(result, plot)
+        err.print(f"plot written to {plot}")
+
+
+def _check_plot(kind: Kind, plot: Path, swap: bool) -> None:
+    """Every reason ``--plot`` could not work, before minutes of benchmarking rather than after."""
+    from rtml.report.mpl import PlotUnavailable, require_matplotlib
+
+    _only(kind, "--plot", *SERVING, Kind.ingest, Kind.freshness)
+    if swap:
+        raise CliError("--plot does not draw --swap runs (their figures are per round, in the JSON)", exit_code=2)
+    if plot.suffix.lower() != ".png":
+        raise CliError(f"--plot writes a PNG: give a file name ending in .png, not {plot.name}", exit_code=2)
+    if not plot.parent.is_dir():
+        raise CliError(f"--plot: the directory {plot.parent} does not exist")
+    try:
+        require_matplotlib("--plot")
+    except PlotUnavailable as exc:
+        raise CliError(exc.message) from None
 
 
 def _only(kind: Kind, option: str, *kinds: Kind) -> None:

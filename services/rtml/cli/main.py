@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from rtml.cli import backfill, bench, models, serve, simulate, train
+from rtml.cli import backfill, bench, models, report, serve, simulate, train
 from rtml.cli import up as up_cmd  # the bare name `up` is ambiguous to mypy (module vs function)
 from rtml.cli.common import CliError, validation_message
 from rtml.core.errors import RtmlError
@@ -77,6 +77,7 @@ app.command("simulate-outcomes", hidden=True)(simulate.simulate_outcomes)
 app.command("train")(train.train)
 app.command("backfill")(backfill.backfill)
 app.command("bench")(bench.bench)
+app.command("report")(report.report)
 app.add_typer(models.app, name="models")
 
 

@@ -29,6 +29,7 @@ from rtml.cli.train import ensure_live_models
 from rtml.core import embedded
 from rtml.core.kafka import create_topics
 from rtml.core.settings import SERVICES, ServiceName, Settings
+from rtml.report.history import Sampler
 
 READY_TIMEOUT_S = 90.0
 SIMULATOR_STOP_S = 1.0
@@ -269,6 +270,7 @@ def up(
     restore = _install_signal_handlers(stop)
     platform = Platform(settings, log_dir, stop)
     code = 0
+    sampler = None
     try:
         platform.start_infra()
         if not stop.is_set():
@@ -278,10 +280,14 @@ def up(
             if platform.wait_ready():
                 platform.write_endpoints()
                 platform.announce()
+                # metrics history for `rtml report` (rtml.report.history): one scrape per service every 10 s
+                sampler = Sampler.for_settings(platform.settings, log_dir.parent / "metrics").start()
                 if demo:
                     platform.start_simulators()
                 code = platform.watch()
     finally:
+        if sampler is not None:
+            sampler.stop()
         platform.shutdown()
         restore()
     if code:
