@@ -31,6 +31,10 @@ def _num(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
 
 
+def _value(h: float) -> str:
+    return "n/a" if math.isnan(h) else f"{h:,.0f}" if h >= 100 else f"{h:.3g}"
+
+
 def _grouped_bars(ax: Axes, groups: Sequence[str], bars: Sequence[Bars], *, title: str, ylabel: str) -> None:
     """One cluster of bars per group, each bar labelled with its value (``n/a`` when not measured)."""
     width = 0.8 / max(1, len(bars))
@@ -39,7 +43,7 @@ def _grouped_bars(ax: Axes, groups: Sequence[str], bars: Sequence[Bars], *, titl
         heights = [_num(v) for v in values]
         drawn = ax.bar(xs, [0.0 if math.isnan(h) else h for h in heights], width, label=label, color=colour,
                        hatch=hatch, edgecolor="white" if not hatch else "#333333", linewidth=0.5)  # fmt: skip
-        ax.bar_label(drawn, labels=["n/a" if math.isnan(h) else f"{h:.3g}" for h in heights], fontsize=7, padding=1)
+        ax.bar_label(drawn, labels=[_value(h) for h in heights], fontsize=7, padding=1)
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set_title(title, fontsize=11)
     ax.set_ylabel(ylabel)
