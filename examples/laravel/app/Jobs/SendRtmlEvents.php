@@ -54,7 +54,9 @@ final class SendRtmlEvents implements ShouldQueue
 
     public function handle(RtmlClient $rtml): void
     {
-        $queued = $this->job !== null;
+        // After the response the job runs on the "sync" connection: release() would do nothing there, and
+        // the events would be lost without a word. Only a real queue can take them back.
+        $queued = $this->job !== null && $this->job->getConnectionName() !== 'sync';
         try {
             // Queued: one quick attempt plus the client's retries would hold a worker; let the queue wait.
             $rtml->sendEvents($this->events, retries: $queued ? 1 : null);
