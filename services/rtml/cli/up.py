@@ -183,10 +183,12 @@ class Platform:
             # --score-purchases: serving scores each purchase with fraud, so chargebacks label fraud too
             Child("simulate", rtml_argv("simulate", "--via", "http", "--rate", "50", "--duration", "0",
                                         "--keep-going", "--score-purchases"), self.env, self.log_dir),
-            Child("outcomes", rtml_argv("simulate-outcomes", "--rate", "2"), self.env, self.log_dir),
+            # 5 rounds/s of 3 shown items: 15 labels/s, so a model's windowed quality rests on 500+ labels
+            # (what the quality-drop alert waits for) within a minute or so of labels arriving
+            Child("outcomes", rtml_argv("simulate-outcomes", "--rate", "5"), self.env, self.log_dir),
         ]  # fmt: skip
         err.print(
-            "demo: clickstream at 50 events/s (each purchase scored by fraud) and outcomes at 2 recommendation rounds/s"
+            "demo: clickstream at 50 events/s (each purchase scored by fraud) and outcomes at 5 recommendation rounds/s"
         )
 
     # -- run --------------------------------------------------------------------------------------------
