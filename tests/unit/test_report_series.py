@@ -92,7 +92,9 @@ def test_sum_by_groups_and_sums_label_sets() -> None:
     ]  # fmt: skip
     assert sum_by(snaps, "rtml_http_requests_total", lambda lb: lb["service"]) == {"serving": [(0, 6.0), (10, 12.0)]}
     by_route = sum_by(snaps, "rtml_http_requests_total", lambda lb: lb["route"])
-    assert by_route == {"/v1/predict": [(0, 6.0), (10, 10.0)], "/v1/recommend": [(10, 2.0)]}
+    # recommend was not called before 10 s: it reads 0 at 0 s, so its 2 requests show in the rate
+    assert by_route == {"/v1/predict": [(0, 6.0), (10, 10.0)], "/v1/recommend": [(0, 0.0), (10, 2.0)]}
+    assert rates(by_route["/v1/recommend"], step_s=10, max_gap_s=35) == [(10, 0.2)]
     h = sum_buckets_by([snap(0, "x", *hist("h_bucket", {0.1: 1, INF: 2}, r="a"), *hist("h_bucket", {0.1: 3, INF: 3},
                        r="b"))], "h_bucket", lambda _: "all")  # fmt: skip
     assert h == {"all": [(0, {0.1: 4.0, INF: 5.0})]}

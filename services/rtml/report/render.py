@@ -26,6 +26,7 @@ from rtml.report.series import (
     HistPoint,
     Point,
     covered_seconds,
+    gauge_sum_by,
     last_by,
     quantiles,
     rates,
@@ -124,7 +125,7 @@ class _Builder:
         return _merge([sum_buckets_by(s, name, group) for s in self.files.values()])
 
     def gauges(self, name: str, group: GroupBy, combine: str = "sum") -> dict[str, list[Point]]:
-        f = sum_by if combine == "sum" else last_by
+        f = gauge_sum_by if combine == "sum" else last_by
         return _merge([f(s, name, group) for s in self.files.values()])
 
     def rate_line(self, label: str, pts: list[Point]) -> Line:

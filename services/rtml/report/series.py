@@ -111,33 +111,46 @@ Match = Callable[[Labels], bool]
 GroupBy = Callable[[Labels], str | None]
 
 
-def sum_by(snapshots: Iterable[Snapshot], name: str, group: GroupBy) -> dict[str, list[Point]]:
-    """For each snapshot, the sum of the samples called ``name`` per group (``group`` -> None: skipped).
+def sum_by(snapshots: Sequence[Snapshot], name: str, group: GroupBy) -> dict[str, list[Point]]:
+    """For each snapshot, the counters called ``name`` summed per group (``group`` -> None: skipped).
 
-    A series absent from a snapshot counts 0 there: a route that was never called has no series yet."""
-    out: dict[str, list[Point]] = {}
+    A group absent from a snapshot reads 0 there: a counter not created yet (a route never called so far, or
+    not yet again since a restart) has counted nothing, so its first requests are not lost to the rate."""
+    sums = [_sums(snap, name, group) for snap in snapshots]
+    keys = sorted({k for s in sums for k in s})
+    return {k: [(snap.t, s.get(k, 0.0)) for snap, s in zip(snapshots, sums, strict=True)] for k in keys}
+
+
+def sum_buckets_by(snapshots: Sequence[Snapshot], name: str, group: GroupBy) -> dict[str, list[HistPoint]]:
+    """Like :func:`sum_by` for the ``_bucket`` samples of a histogram: per snapshot and group, ``{le: count}``
+    (``{}`` where the group is absent: nothing observed)."""
+    sums: list[dict[str, Buckets]] = []
     for snap in snapshots:
-        sums: dict[str, float] = {}
+        per: dict[str, Buckets] = {}
         for n, labels, v in snap.samples:
-            if n == name and (key := group(labels)) is not None:
-                sums[key] = sums.get(key, 0.0) + v
-        for key, v in sums.items():
-            out.setdefault(key, []).append((snap.t, v))
+            if n == name and "le" in labels and (key := group(labels)) is not None:
+                b = per.setdefault(key, {})
+                le = float(labels["le"])
+                b[le] = b.get(le, 0.0) + v
+        sums.append(per)
+    keys = sorted({k for s in sums for k in s})
+    return {k: [(snap.t, s.get(k, {})) for snap, s in zip(snapshots, sums, strict=True)] for k in keys}
+
+
+def _sums(snap: Snapshot, name: str, group: GroupBy) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for n, labels, v in snap.samples:
+        if n == name and (key := group(labels)) is not None:
+            out[key] = out.get(key, 0.0) + v
     return out
 
 
-def sum_buckets_by(snapshots: Iterable[Snapshot], name: str, group: GroupBy) -> dict[str, list[HistPoint]]:
-    """Like :func:`sum_by` for the ``_bucket`` samples of a histogram: per snapshot and group, ``{le: count}``."""
-    out: dict[str, list[HistPoint]] = {}
+def gauge_sum_by(snapshots: Iterable[Snapshot], name: str, group: GroupBy) -> dict[str, list[Point]]:
+    """A gauge summed per group over time, only where the group has series (absent is unknown, not 0)."""
+    out: dict[str, list[Point]] = {}
     for snap in snapshots:
-        sums: dict[str, Buckets] = {}
-        for n, labels, v in snap.samples:
-            if n == name and "le" in labels and (key := group(labels)) is not None:
-                b = sums.setdefault(key, {})
-                le = float(labels["le"])
-                b[le] = b.get(le, 0.0) + v
-        for key, b in sums.items():
-            out.setdefault(key, []).append((snap.t, b))
+        for key, v in _sums(snap, name, group).items():
+            out.setdefault(key, []).append((snap.t, v))
     return out
 
 
