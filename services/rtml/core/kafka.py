@@ -126,6 +126,8 @@ class Producer:
                 raise DependencyUnavailable("kafka", f"cannot connect to Kafka: {exc}") from exc
             raise
         self._started = True
+        for topic in TOPICS:  # series at 0 from the start (see ConsumerLoop.__init__)
+            metrics.KAFKA_PUBLISH_ERRORS.labels(topic=self._settings.topic(topic))
 
     async def stop(self) -> None:
         if self._started:
@@ -389,6 +391,13 @@ class ConsumerLoop(Generic[T]):
         self._listed: dict[TopicPartition, int] = {}
         self._lag_wake = asyncio.Event()
         self._consumer.subscribe(self._topics, listener=_OnRebalance(self))
+        # every counter series this loop can move exists from the start, at 0: a rate() or increase() needs
+        # a sample before the first increment, or it misses it (the first dead letter, the first retry)
+        metrics.CONSUMER_RESTARTS.labels(consumer=name)
+        metrics.CONSUMER_RETRIES.labels(consumer=name)
+        metrics.CONSUMED.labels(consumer=name)
+        for topic in self._topics:
+            metrics.DEAD_LETTERS.labels(topic=topic)
 
     async def start(self) -> None:
         try:

@@ -164,7 +164,7 @@ RETRAINS = Counter(
 )
 ROLLOUT_DECISIONS = Counter(
     "rtml_rollout_decisions_total",
-    "Rollout decisions: shadow, canary, promoted, rejected, rolled_back, kept.",
+    "Rollout decisions of the learning loop: canary, promote, ready, reject, rollback, keep.",
     ["model", "decision"],
 )
 SHADOW_PREDICTIONS = Counter(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiokafka import ConsumerRecord
 
+from rtml.core import metrics
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer
 from rtml.core.schemas import Event
 from rtml.core.settings import Settings
@@ -21,6 +22,10 @@ def decode_event(record: ConsumerRecord) -> Event:
 
 
 def features_consumer(settings: Settings, store: FeatureStore, producer: Producer) -> ConsumerLoop[Event]:
+    for name, feature in store.config.features.items():  # counter series at 0, so rate() sees the first one
+        if not feature.lifetime:
+            metrics.FEATURE_EVENTS_LATE.labels(feature=name)
+
     async def handle(batch: list[Consumed[Event]]) -> None:
         await store.apply([c.value for c in batch])
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 
@@ -36,7 +36,7 @@ from rtml.core.timeutil import now_ms
 from rtml.feedback.quality import QualityStore, learn_key
 from rtml.feedback.qualitymath import Sums, summarize
 from rtml.feedback.retrain import retrain_from_examples
-from rtml.feedback.rollout import Verdict, judge
+from rtml.feedback.rollout import Action, Verdict, judge
 from rtml.serving.registry import ModelRegistry, Rollout, StaleRollout
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ DECISIONS_KEPT = 200
 SNAPSHOT_TTL_S = 30 * 86_400
 TRAINING_LOCK_S = 900  # the registry's ``ensure_models`` uses the same lock key: never two trainings at once
 RETRY_FAILED_MS = 60_000  # a training that could not run (too few examples) is tried again after this
+TRIGGERS = ("every_labels", "min_auc", "max_log_loss")  # why a retraining started (``trigger``)
+DECISIONS = tuple(a for a in get_args(Action) if a != "wait")  # rollout decisions the loop logs and counts
 
 
 def decisions_key(keys: Keys, model: str) -> str:
@@ -64,6 +66,12 @@ class Learning:
         self.quality = quality
         self.keys = Keys(settings.redis.key_prefix)
         self.registry = ModelRegistry(redis, self.keys)
+        for name in config.models:  # counter series at 0 from the start, so rate() and increase() see the first
+            for trigger in TRIGGERS:
+                for result in ("ok", "skipped"):
+                    metrics.RETRAINS.labels(name, trigger, result)
+            for decision in DECISIONS:
+                metrics.ROLLOUT_DECISIONS.labels(name, decision)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     async def run_forever(self, interval_s: float | None = None) -> None:

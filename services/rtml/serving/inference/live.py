@@ -56,6 +56,10 @@ class LiveModels:
         self.registry_reachable = False
         self._failed: dict[tuple[str, str], float] = {}
         self._lock = asyncio.Lock()
+        for name in self.config_models:  # counter series at 0 from the start, so rate() sees the first one
+            metrics.MODEL_LOAD_ERRORS.labels(model=name)
+            metrics.SERVING_DEADLINE_EXCEEDED.labels(model=name)
+            metrics.PREDICTIONS_DEGRADED.labels(model=name)
 
     def get(self, name: str) -> LoadedModel | None:
         """The live version this replica serves."""
