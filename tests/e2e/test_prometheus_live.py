@@ -1,9 +1,11 @@
 """A real Prometheus scraping ``rtml up --demo``: every dashboard query, recording rule and alert returns data.
 
 The platform runs as real processes (the demo's clickstream and outcome simulators included) on the session's
-broker and redis-server; ``prometheus`` (Debian package) scrapes the four services every second with the job,
-labels and relabelling of deploy/prometheus/prometheus.yml (only the targets and intervals differ) and
-evaluates deploy/prometheus/alerts.yml every second. Then, via the HTTP API:
+broker and redis-server, with the demo config's label rules shortened to seconds (AUC needs negative labels,
+which the demo's ctr rule gives after 30 minutes) and an ordinary operator's day added (``operator_day``: a
+caller's bad request, a candidate version in shadow). ``prometheus`` (Debian package) scrapes the four
+services every second with the job, labels and relabelling of deploy/prometheus/prometheus.yml (only the
+targets and intervals differ) and evaluates deploy/prometheus/alerts.yml every second. Then, via the HTTP API:
 
 - every ``targets[].expr`` of every panel of deploy/grafana/dashboards/*.json (whatever files exist when the
   test runs), with ``$__rate_interval`` -> ``1m`` and ``$service``/``$model``/``$version`` -> ``.*``;
@@ -39,6 +41,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +53,7 @@ import pytest
 import yaml
 
 from rtml.core.embedded import free_port
-from tests.e2e.conftest import Platform, running_platform
+from tests.e2e.conftest import DEMO_CONFIG, Platform, running_platform
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +63,7 @@ DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 PROMETHEUS = shutil.which("prometheus")
 COMPARISONS = {">", "<", ">=", "<=", "==", "!="}
 SET_OPERATORS = {"and", "or", "unless"}
-DATA_DEADLINE_S = 60.0  # after the platform is up; everything arrives within ~22 s on a 2-core machine
+DATA_DEADLINE_S = 90.0  # after the platform is up; the last (500 labels for the quality-drop alert) ~60 s
 
 
 # -- what to check ---------------------------------------------------------------------------------------
@@ -148,12 +151,40 @@ def prometheus_config(platform: Platform, rules_file: Path) -> dict[str, Any]:
     return config
 
 
+def short_label_config(path: Path) -> Path:
+    """The demo config with label rules that decide within seconds: the demo's ctr rule waits 30 minutes for
+    a click before it says 0, and AUC needs both classes."""
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    for model in config["models"].values():
+        if "label" in model:
+            model["label"]["within"] = "5s"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def operator_day(platform: Platform, run_dir: Path) -> None:
+    """What an operator and the platform's callers do on an ordinary day that the demo simulators do not:
+    a caller's bad request (a 422), and a candidate ctr version trained and rolled out in shadow."""
+    r = httpx.post(f"{platform.urls['ingest']}/v1/events", json={"type": "view", "ts": "not a time"}, timeout=10)
+    assert r.status_code == 422, r.text
+    for args in (["train", "--model", "ctr", "--no-promote"], ["models", "shadow", "ctr", "2"]):
+        done = subprocess.run([sys.executable, "-m", "rtml.cli.main", *args], env=platform.env, cwd=run_dir,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+
+
 @pytest.fixture
 def demo(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[Platform]:
     run_dir = tmp_path / "platform"
     run_dir.mkdir()
-    with running_platform(kafka_bootstrap, redis_url, run_dir, "--demo") as platform:
+    env = {
+        "RTML_CONFIG": str(short_label_config(tmp_path / "rtml.yaml")),
+        "RTML_LABEL_GRACE": "1s",
+        "RTML_LEARNING_INTERVAL_S": "1",  # quality gauges
+    }
+    with running_platform(kafka_bootstrap, redis_url, run_dir, "--demo", env=env) as platform:
         try:
+            operator_day(platform, run_dir)
             yield platform
         finally:
             if platform.proc.poll() is None:
