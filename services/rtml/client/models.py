@@ -55,7 +55,7 @@ class ModelVersion(_Result):
     features: list[str] | None = None
     defaults: dict[str, float] = Field(default_factory=dict)
     task: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)  # numbers, also lists (e.g. score_quantiles)
 
 
 class Rollout(_Result):
