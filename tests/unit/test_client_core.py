@@ -464,3 +464,14 @@ async def test_batcher_hands_back_events_it_could_not_send(kind: str) -> None:
     [(err, failed)] = info.value.failures
     assert isinstance(err, InvalidRequest) and [e["event_id"] for e in failed] == ids
     assert [e["user_id"] for e in failed] == ["u1", "u2"]
+
+
+def test_batcher_on_error_receives_the_events_instead_of_flush() -> None:
+    got: list[tuple[RtmlError, list[dict[str, Any]]]] = []
+    down = httpx.MockTransport(lambda r: error(401, "unauthorized", "unknown API key"))
+    with Client(transport=down) as client:
+        with client.batcher(on_error=lambda e, evs: got.append((e, evs)), linger=0) as batcher:
+            eid = batcher.add({"type": "v"})
+            batcher.flush()  # handed to on_error: nothing to raise
+    [(err, events)] = got
+    assert isinstance(err, Unauthorized) and [e["event_id"] for e in events] == [eid]
