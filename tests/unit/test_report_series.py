@@ -114,10 +114,12 @@ def _history() -> History:
     auc = ("rtml_model_quality", {"model": "ctr", "version": "1", "metric": "auc"})
     ll = ("rtml_model_quality", {"model": "ctr", "version": "1", "metric": "log_loss"})
     h = History()
+    # every process declares every metric: serving shows the features' freshness histogram, at 0
+    zero = hist("rtml_features_freshness_seconds_bucket", {0.01: 0, 0.05: 0, INF: 0})
     h.snapshots["serving"] = [
-        snap(1000, "serving", http("serving", "/v1/predict", "200", 0), *lat0),
-        snap(1010, "serving", http("serving", "/v1/predict", "200", 100), *lat1),
-        snap(1020, "serving", http("serving", "/v1/predict", "200", 400), *lat2),
+        snap(1000, "serving", http("serving", "/v1/predict", "200", 0), *lat0, *zero),
+        snap(1010, "serving", http("serving", "/v1/predict", "200", 100), *lat1, *zero),
+        snap(1020, "serving", http("serving", "/v1/predict", "200", 400), *lat2, *zero),
     ]
     h.snapshots["features"] = [
         snap(
@@ -135,7 +137,7 @@ def _history() -> History:
 
 def test_build_report_panels_by_hand() -> None:
     rep = build_report(_history(), 1000, 1030)
-    assert rep.snapshots == 9 and rep.step_s == 10
+    assert rep.snapshots == 9 and rep.step_s == 10 and rep.since == 1000 and rep.until == 1030
     traffic, latency, freshness, lag, auc, log_loss = rep.panels
     (serving,) = traffic.lines
     assert serving.label == "serving requests/s"
@@ -146,7 +148,7 @@ def test_build_report_panels_by_hand() -> None:
     assert route.points[1][1] == pytest.approx(1.99)
     # whole range: 50 <= 1 ms, 350 in (1, 2]: rank 396 -> 1 + (396 - 50) / 350
     assert route.over_range == pytest.approx(1 + 346 / 350)
-    p50, p99 = freshness.lines
+    p50, p99 = freshness.lines  # from features, where it moved, not serving's zeros
     assert p50.points[0][1] == pytest.approx(50 / 90 * 10)  # rank 50 of 90 in (0, 10 ms]
     assert p99.points[1][1] == pytest.approx(10 + 40 * 99 / 100)  # window 2: 100 in (10, 50 ms], rank 99
     assert lag.lines[0].label == "features" and [v for _, v in lag.lines[0].points] == [1.0, 6.0, 11.0]

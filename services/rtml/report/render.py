@@ -76,25 +76,30 @@ class Report:
 
 
 def _key(name: str, labels: Mapping[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
-    return name, tuple(sorted(labels.items()))
+    """A series; the buckets of one histogram are one series (their owner is where ``+Inf`` moved)."""
+    return name, tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
 
 
 def owned_snapshots(history: History) -> dict[str, list[Snapshot]]:
-    """Each series taken from one service's file only: the first (in service order) that has it.
+    """Each series taken from one service's file only: the one where it reached the highest value (ties: the
+    first in service order).
 
-    In production every series lives in exactly one service (the HTTP metrics carry ``service``), so this
-    changes nothing; when several apps share one process (tests, notebooks) each ``/metrics`` shows all of
-    them, and summing the files would count everything four times."""
-    owner: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+    Every process declares all of rtml's metrics (one metrics module), so an unlabelled series such as the
+    features' freshness histogram also shows, at 0, on ingest's ``/metrics``: its owner is where it moves.
+    When several apps share one process (tests, notebooks) each ``/metrics`` shows the same values, and
+    summing the files would count everything several times."""
+    best: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, str]] = {}
     service: str
     for service in SERVICES:
         for snap in history.snapshots.get(service, []):
-            for name, labels, _ in snap.samples:
-                owner.setdefault(_key(name, labels), service)
+            for name, labels, value in snap.samples:
+                key = _key(name, labels)
+                if key not in best or value > best[key][0]:
+                    best[key] = (value, service)
     out: dict[str, list[Snapshot]] = {}
     for service, snaps in history.snapshots.items():
         out[service] = [
-            Snapshot(s.t, s.service, [x for x in s.samples if owner[_key(x[0], x[1])] == service]) for s in snaps
+            Snapshot(s.t, s.service, [x for x in s.samples if best[_key(x[0], x[1])][1] == service]) for s in snaps
         ]
     return out
 
@@ -188,7 +193,9 @@ def build_report(history: History, since: float, until: float, *, step_s: float 
         for version, pts in sorted(b.gauges("rtml_model_quality", _quality(metric), combine="last").items()):
             panel.lines.append(b.gauge_line(version, pts))
         panels.append(panel)
-    return Report(since, until, b.step, len(history), sorted(history.snapshots), panels, history.unreadable)
+    span = history.span()
+    shown_from = max(since, span[0]) if span else since  # the range drawn starts with the data
+    return Report(shown_from, until, b.step, len(history), sorted(history.snapshots), panels, history.unreadable)
 
 
 def _when(t: float) -> str:
@@ -211,7 +218,9 @@ def render_png(report: Report, path: Path | None = None) -> bytes:
         ax.set_title(panel.title, fontsize=11)
         ax.set_ylabel(panel.unit)
         ax.set_xlim(*span)
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=UTC))  # type: ignore[no-untyped-call]
+        locator = mdates.AutoDateLocator(tz=UTC)  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC))  # type: ignore[no-untyped-call]
         ax.grid(alpha=0.3)
         drawn = False
         for line in panel.lines:
@@ -224,7 +233,7 @@ def render_png(report: Report, path: Path | None = None) -> bytes:
             drawn = True
         if drawn:
             ax.legend(fontsize=7, loc="upper left")
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(bottom=0, top=1 if panel.unit == "auc" else None)
         else:
             ax.text(0.5, 0.5, "no data in this range", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.suptitle(f"rtml report\n{subtitle(report)}", fontsize=12)

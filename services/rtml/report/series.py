@@ -5,6 +5,7 @@ A point is ``(t, value)`` (epoch seconds); a histogram point is ``(t, {le: cumul
 restart from zero when a service restarts (a new ``rtml up``): a value lower than the previous one is a
 reset, and the increase over that step is the new value (what Prometheus assumes). Gaps longer than
 ``max_gap_s`` (the sampler was not running) are never bridged: the line breaks there (a NaN point).
+A window closes once it spans ``SLACK`` x ``step_s``: scrapes 9.99 s apart still make 10 s windows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rtml.report.history import Snapshot
 Point = tuple[float, float]
 HistPoint = tuple[float, Buckets]
 NAN = math.nan
+SLACK = 0.95
 Labels = Mapping[str, str]
 
 
@@ -48,7 +50,7 @@ def rates(points: Sequence[Point], *, step_s: float, max_gap_s: float) -> list[P
             start_t, acc = t, 0.0
         else:
             acc += counter_increase(prev_v, v)
-            if t - start_t >= step_s:
+            if t - start_t >= SLACK * step_s:
                 out.append((t, acc / (t - start_t)))
                 start_t, acc = t, 0.0
         prev_t, prev_v = t, v
@@ -70,7 +72,7 @@ def quantiles(points: Sequence[HistPoint], q: float, *, step_s: float, max_gap_s
         else:
             for le, n in bucket_increase(prev_b, b).items():
                 acc[le] = acc.get(le, 0.0) + n
-            if t - start_t >= step_s:
+            if t - start_t >= SLACK * step_s:
                 value = histogram_quantile(q, acc) if math.inf in acc else None
                 out.append((t, NAN if value is None else value))
                 start_t, acc = t, {}
