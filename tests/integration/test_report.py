@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import signal
 import struct
 import subprocess
@@ -91,6 +92,20 @@ async def test_report_from_a_recorded_history(serving: Settings, tmp_path: Path)
             await eventually(applied)
             await asyncio.sleep(0.6)  # a few more snapshots after everything was applied
         sampler.stop()
+        # the same sampler from the command line, as for a platform not started by `rtml up`
+        env = {**os.environ, "RTML_INGEST_PORT": str(s.ingest_port), "RTML_FEATURES_PORT": str(s.features_port),
+               "RTML_SERVING_PORT": str(s.serving_port), "RTML_FEEDBACK_PORT": str(free_port())}  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rtml.cli.main", "report", "--record", "--interval", "0.2", "--duration", "1",
+            "--history", str(tmp_path / "recorded"), env=env, cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        said = " ".join(err.decode().split())  # rich wraps long lines
+        assert "recording every 0.2 s" in said and "(ingest, features, serving)" in said
+        recorded = load_history(tmp_path / "recorded")
+        assert set(recorded.snapshots) == {"ingest", "features", "serving"}  # feedback is not running
+        assert all(len(v) >= 3 for v in recorded.snapshots.values())
         with httpx.Client(timeout=5) as c:
             await asyncio.to_thread(sampler.sample_once, c)
 

@@ -188,3 +188,15 @@ def test_bench_plot_option_checks(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "ending in .png" in result.stderr
     result = runner.invoke(app, ["bench", "predict", "--swap", "--client", "raw", "--plot", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "--swap" in result.stderr
+
+
+def test_record_with_nothing_running_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rtml.core.embedded import free_port
+
+    monkeypatch.chdir(tmp_path)
+    for service in ("INGEST", "FEATURES", "SERVING", "FEEDBACK"):
+        monkeypatch.setenv(f"RTML_{service}_PORT", str(free_port()))
+    result = runner.invoke(app, ["report", "--record", "--duration", "1", "--history", str(tmp_path / "h")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("rtml: no service answered GET /metrics (http://127.0.0.1:")
+    assert "is the platform running?" in result.stderr and len(result.stderr.strip().splitlines()) == 1
