@@ -26,7 +26,9 @@ DEFAULT_DIR = Path(".rtml") / "metrics"
 def report(
     since: str = typer.Option("1h", help="how far back: 30m, 1h, 6h, 1d"),
     out: list[Path] | None = typer.Option(  # noqa: B008
-        None, help="report.png and/or report.html (the PNG embedded); repeat for both [default: report.png]"
+        None,
+        metavar="FILE",
+        help="report.png and/or report.html (the PNG embedded); repeat for both [default: report.png]",
     ),
     history: Path = typer.Option(  # noqa: B008
         DEFAULT_DIR, help="the metrics history: RUN_DIR/metrics of `rtml up` (default run dir .rtml)"
@@ -42,6 +44,8 @@ def report(
     History: /metrics shows only current values, so `rtml up` records every service's metrics every 10 s
     into RUN_DIR/metrics (bounded: at most 8 MiB per service, older data rotated away). For a platform not
     started by `rtml up`, run `rtml report --record` next to it (same files, Ctrl-C to stop).
+    Rates and quantiles are computed from that history as Prometheus would; with Prometheus and Grafana
+    deployed (deploy/), their dashboards show the same and more.
     """
     if record:
         _record(history, interval, duration)
