@@ -156,7 +156,10 @@ class Sampler:
     def for_settings(cls, settings: Settings, directory: Path, **kwargs: Any) -> Sampler:
         return cls(service_urls(settings), directory, **kwargs)
 
-    def _append(self, service: str, line: bytes) -> None:
+    def write(self, service: str, t: float, samples: list[Sample]) -> None:
+        """Append one snapshot of ``service`` (rotating first when the file would pass ``max_bytes``)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        line = orjson.dumps({"t": round(t, 3), "service": service, "s": samples}) + b"\n"
         path = self.directory / f"{service}.jsonl"
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_size + len(line) > self.max_bytes:
@@ -166,7 +169,6 @@ class Sampler:
 
     def sample_once(self, client: httpx.Client) -> dict[str, bool]:
         """Scrape every target once and append what it answered; service -> whether it answered."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         ok: dict[str, bool] = {}
         for service, url in self.targets.items():
             try:
@@ -179,7 +181,7 @@ class Sampler:
                 ok[service] = False
                 continue
             self.failures.pop(service, None)
-            self._append(service, orjson.dumps({"t": round(t, 3), "service": service, "s": samples}) + b"\n")
+            self.write(service, t, samples)
             ok[service] = True
         return ok
 
