@@ -19,8 +19,13 @@ install-run: $(BIN)/python        ## what `rtml up` needs and nothing more
 up: install-run                   ## the whole platform on this machine
 	$(BIN)/rtml up
 
+# Two pytest-xdist workers (each starts its own broker and redis-server): the suite mostly waits on the
+# broker and on minutes-long e2e runs, so two workers halve its wall time even on a 2-core machine.
+# --dist loadfile keeps a file's tests (and their module fixtures) on one worker; tests/e2e, collected
+# first, starts the longest test (the learning loop, ~4 min) at once. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install                     ## unit, integration and e2e tests (real broker and redis-server)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
