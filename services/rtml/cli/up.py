@@ -5,6 +5,21 @@ model without a live version trained and promoted -> the four services as separa
 for on ``/readyz`` -> (``--demo``) the simulators. Shutdown runs the other way round within 10 s: simulators
 (1 s), services (SIGTERM, SIGKILL after 5 s), infra (SIGTERM, SIGKILL after 1.5 s). A service that dies is
 reported and ends ``up`` with exit 1.
+
+Replicas (``--replicas N``, default 1): N processes of every service. All four scale that way: ingest,
+serving and feedback keep no state of their own (Kafka and Redis hold it), and the features replicas are
+members of one consumer group that splits the topic's partitions between them (more members than partitions
+leaves the extra ones idle). Replica ``i`` (0-based) of a service listens on ``RTML_<SERVICE>_PORT + i *
+--port-step`` (default step 10: ingest 8001, 8011, 8021…; features 8002, 8012…), so replica 0 is where one
+replica would be. Every port is checked before anything starts: a taken or clashing one is one clear error.
+
+Output: one line ``NAME URL`` per process: with N = 1 exactly the four lines it always printed; with N > 1
+replica 0 of each service first (the same four lines), then replica 1 of each, and so on, so the i-th line
+naming a service is its replica i. Then ``kafka``, ``redis`` and ``logs`` lines. The endpoints file
+(``.rtml/endpoints.env``) keeps ``RTML_<SERVICE>_PORT`` = replica 0 (what client commands use) and adds
+``RTML_<SERVICE>_URLS`` = every replica's URL, comma-separated, in replica order. Logs: ``logs/NAME.log``
+with N = 1, ``logs/NAME.I.log`` per replica otherwise. A load balancer in front of the replicas: round robin
+for all four (see the scaling notes); nothing needs stickiness.
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +51,7 @@ READY_TIMEOUT_S = 90.0
 SIMULATOR_STOP_S = 1.0
 SERVICE_STOP_S = 5.0
 INFRA_STOP_S = 1.5
+DEFAULT_PORT_STEP = 10
 
 
 async def _prepare(settings: Settings) -> list[str]:
@@ -81,18 +98,73 @@ def rtml_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "rtml.cli.main", *args]
 
 
-def service_url(settings: Settings, name: ServiceName) -> str:
+def service_url(settings: Settings, name: ServiceName, port: int | None = None) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host  # noqa: S104 - a client address
-    return f"http://{host}:{settings.port_of(name)}"
+    return f"http://{host}:{settings.port_of(name) if port is None else port}"
+
+
+class Replica:
+    """One process of a service as planned: which service, which replica, on which port."""
+
+    def __init__(self, service: ServiceName, index: int, port: int, of: int) -> None:
+        self.service, self.index, self.port = service, index, port
+        # N = 1: the names (and log files) of old; N > 1: ingest.0, ingest.1, …
+        self.name = service if of == 1 else f"{service}.{index}"
+
+
+def plan_replicas(settings: Settings, replicas: int, port_step: int = DEFAULT_PORT_STEP) -> list[Replica]:
+    """Every service process ``up`` starts, replica 0 of each service first: replica ``i`` of a service on
+    ``RTML_<SERVICE>_PORT + i * port_step``. Raises ``CliError`` when two planned ports are the same or one
+    is out of range (checking that they are free is ``check_ports``)."""
+    if replicas < 1:
+        raise CliError(f"--replicas must be at least 1, not {replicas}")
+    plan = [Replica(name, i, settings.port_of(name) + i * port_step, replicas)
+            for i in range(replicas) for name in SERVICES]  # fmt: skip
+    seen: dict[int, Replica] = {}
+    for r in plan:
+        if not 0 < r.port < 65536:
+            raise CliError(
+                f"{r.name} would listen on port {r.port}, out of range; "
+                f"lower RTML_{r.service.upper()}_PORT, --replicas or --port-step"
+            )
+        if r.port in seen:
+            raise CliError(f"{r.name} and {seen[r.port].name} would both listen on port {r.port}; set the "
+                           "RTML_<SERVICE>_PORT values or --port-step so that base + i * step never meet")  # fmt: skip
+        seen[r.port] = r
+    return plan
+
+
+def check_ports(host: str, plan: list[Replica]) -> None:
+    """A clear error for the first planned port something else already listens on, before anything starts.
+    Binds like uvicorn does (SO_REUSEADDR), so a port in TIME_WAIT from a previous run does not count."""
+    for r in plan:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, r.port))
+            except OSError as exc:
+                raise CliError(
+                    f"port {r.port} on {host} is taken ({exc.strerror}); {r.name} cannot listen there: "
+                    f"stop what uses it or set RTML_{r.service.upper()}_PORT"
+                ) from None
 
 
 class Platform:
     """Everything ``up`` starts, so that whatever happened, ``shutdown`` stops exactly that."""
 
-    def __init__(self, settings: Settings, log_dir: Path, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        stop: threading.Event,
+        replicas: int = 1,
+        port_step: int = DEFAULT_PORT_STEP,
+    ) -> None:
         self.settings = settings
         self.log_dir = log_dir
         self.stop = stop
+        self.plan = plan_replicas(settings, replicas, port_step)
+        self.replica_of: dict[str, Replica] = {r.name: r for r in self.plan}
         self.infra: list[embedded.Managed] = []
         self.services: list[Child] = []
         self.simulators: list[Child] = []
@@ -127,7 +199,8 @@ class Platform:
         s = self.settings
         values = {"RTML_KAFKA_BOOTSTRAP": s.kafka.bootstrap, "RTML_REDIS_URL": s.redis.url,
                   "RTML_TOPIC_PREFIX": s.topic_prefix, "RTML_REDIS_KEY_PREFIX": s.redis.key_prefix,
-                  "RTML_HOST": s.host, **{f"RTML_{n.upper()}_PORT": str(s.port_of(n)) for n in SERVICES}}  # fmt: skip
+                  "RTML_HOST": s.host, **{f"RTML_{n.upper()}_PORT": str(s.port_of(n)) for n in SERVICES},
+                  **{f"RTML_{n.upper()}_URLS": ",".join(self.urls(n)) for n in SERVICES}}  # fmt: skip
         text = "".join(f"{k}={v}\n" for k, v in values.items() if v is not None)
         with contextlib.suppress(OSError):
             self.endpoints_file.write_text("# written by rtml up while it runs\n" + text)
@@ -138,11 +211,23 @@ class Platform:
         for line in lines:
             err.print(line)
 
+    def urls(self, service: ServiceName) -> list[str]:
+        """Every replica's URL of ``service``, in replica order."""
+        return [service_url(self.settings, r.service, r.port) for r in self.plan if r.service == service]
+
+    def url_of(self, child: Child) -> str:
+        r = self.replica_of[child.name]
+        return service_url(self.settings, r.service, r.port)
+
+    def check_ports(self) -> None:
+        check_ports(self.settings.host, self.plan)
+
     def start_services(self) -> None:
         parent = str(os.getpid())
-        for name in SERVICES:
-            argv = rtml_argv("serve", name, "--parent-pid", parent)
-            self.services.append(Child(name, argv, self.env, self.log_dir))
+        for r in self.plan:
+            argv = rtml_argv("serve", r.service, "--parent-pid", parent)
+            env = {**self.env, f"RTML_{r.service.upper()}_PORT": str(r.port)}
+            self.services.append(Child(r.name, argv, env, self.log_dir))
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
         """True once every service answers ``/readyz`` 200; False if asked to stop first."""
@@ -155,7 +240,7 @@ class Platform:
                         raise CliError(
                             f"{name} exited with code {child.proc.returncode} while starting; see {child.log_path}"
                         )
-                    url = service_url(self.settings, name)  # type: ignore[arg-type]
+                    url = self.url_of(child)
                     with contextlib.suppress(httpx.HTTPError):
                         if client.get(f"{url}/readyz").status_code == 200:
                             del pending[name]
@@ -170,9 +255,10 @@ class Platform:
         return True
 
     def announce(self) -> None:
-        """One line per service URL, then broker, redis and logs: stdout, for people and scripts alike."""
+        """One line per service process (replica 0 of each service first, see the module docstring), then
+        broker, redis and logs: stdout, for people and scripts alike."""
         started = {m.name for m in self.infra}
-        lines = [f"{name:<9} {service_url(self.settings, name)}" for name in SERVICES]
+        lines = [f"{r.service:<9} {service_url(self.settings, r.service, r.port)}" for r in self.plan]
         lines.append(f"{'kafka':<9} {self.settings.kafka.bootstrap}{' (embedded)' if 'broker' in started else ''}")
         lines.append(f"{'redis':<9} {self.settings.redis.url}{' (embedded)' if 'redis' in started else ''}")
         lines.append(f"{'logs':<9} {self.log_dir}")
@@ -254,8 +340,16 @@ def up(
         help="never start the embedded broker or Redis (RTML_KAFKA_BOOTSTRAP and RTML_REDIS_URL must be set)",
     ),
     run_dir: Path = typer.Option(Path(".rtml"), help="where the children's logs go (RUN_DIR/logs)"),  # noqa: B008
+    replicas: int = typer.Option(
+        1, "--replicas", min=1, help="processes of each service; replica i listens on RTML_<SERVICE>_PORT + i * step"
+    ),
+    port_step: int = typer.Option(
+        DEFAULT_PORT_STEP, "--port-step", min=1, help="port distance between two replicas of one service"
+    ),
 ) -> None:
-    """The whole platform on this machine: broker, Redis, the four services (and simulators with --demo)."""
+    """The whole platform on this machine: broker, Redis, the four services (and simulators with --demo).
+
+    With --replicas N, N processes of each service, each on its own port (see ``rtml.cli.up``)."""
     settings = load_settings()
     quiet_logging()
     missing = [v for v, set_ in (("RTML_KAFKA_BOOTSTRAP", settings.kafka.bootstrap),
@@ -268,9 +362,10 @@ def up(
     except OSError as exc:
         raise CliError(f"cannot create the log directory {log_dir}: {exc.strerror}") from None
 
-    stop = threading.Event()
+    platform = Platform(settings, log_dir, threading.Event(), replicas, port_step)
+    platform.check_ports()  # before the broker and models: a taken port fails at once, nothing to undo
+    stop = platform.stop
     restore = _install_signal_handlers(stop)
-    platform = Platform(settings, log_dir, stop)
     code = 0
     sampler = None
     try:
