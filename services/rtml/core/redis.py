@@ -2,6 +2,22 @@
 
 Keys put the entity in a hash tag (``rtml:{user:u1}:...``) so all keys of one entity live in one
 Redis Cluster slot and one Lua call can touch them atomically.
+
+Redis Cluster: ``RTML_REDIS_CLUSTER=true`` (``settings.redis.cluster``) with ``RTML_REDIS_URL`` naming any
+node of the cluster (the startup node: the other nodes are discovered from it). Then
+
+- ``connect`` returns redis-py's ``redis.asyncio.cluster.RedisCluster`` (typed as ``Redis``: the command
+  API the services use is the same; routing, MOVED/ASK and non-transactional pipelines split per node are
+  redis-py's). Transactions (``pipeline(transaction=True)``) and every Lua call must keep to one slot;
+  every rtml call site does (their keys share a ``{hash tag}``).
+- ``lean_client`` returns ``ClusterResp`` instead of ``Resp`` for the request path: the slot map comes from
+  CLUSTER SLOTS, each master gets one pipelined ``Resp`` connection, each command goes to the master of its
+  first key's slot, and a batch (``Scripts.run``) becomes ONE pipelined round trip per node, sent to all
+  nodes at once. MOVED refreshes the map and resends; ASK sends ``ASKING`` + the command to the importing
+  node. Commands of one slot keep their order (so a read after an apply of the same entity sees it);
+  commands of different slots are independent, as they are on different nodes.
+
+Single node (the default): ``connect`` and ``Resp`` are unchanged; ``ClusterResp`` is never built.
 """
 
 from __future__ import annotations
@@ -12,13 +28,15 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser  # redis-py's own reply-error mapping
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
+from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,9 +49,22 @@ T = TypeVar("T")
 
 
 def connect(settings: Settings) -> Redis:
+    """The redis-py client of ``settings``: a ``RedisCluster`` when ``settings.redis.cluster`` (typed as
+    ``Redis``: the commands rtml uses have the same signatures; see the module docstring)."""
     r = settings.redis
     if not r.url:
         raise DependencyUnavailable("redis", "RTML_REDIS_URL is not set")
+    if r.cluster:
+        return cast(
+            Redis,
+            RedisCluster.from_url(
+                r.url,
+                max_connections=r.max_connections,
+                socket_timeout=r.socket_timeout_s,
+                socket_connect_timeout=r.socket_timeout_s,
+                health_check_interval=30,
+            ),
+        )
     return aioredis.Redis.from_url(
         r.url,
         max_connections=r.max_connections,
@@ -329,6 +360,13 @@ class Resp:
         return conn
 
     async def _send(self, conn: _RespProtocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        replies = await self._send_raw(conn, commands)
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                raise reply_error(r)
+        return replies
+
+    async def _send_raw(self, conn: _RespProtocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         assert conn.transport is not None
         if conn.lost is not None:
             raise type(conn.lost)(str(conn.lost))
@@ -337,11 +375,7 @@ class Resp:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         conn.send(pack_commands(commands), _Waiter(future, len(commands), loop.time()))
-        replies = await future
-        for r in replies:
-            if isinstance(r, hiredis.ReplyError):
-                raise reply_error(r)
-        return replies
+        return await future
 
     async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies (raises the first error reply)."""
@@ -350,11 +384,233 @@ class Resp:
             conn = await self._connect()
         return await self._send(conn, commands)
 
+    async def execute_raw(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Like ``execute``, but error replies come back as ``hiredis.ReplyError`` values, not raised (the
+        cluster client reads MOVED/ASK from them)."""
+        conn = self._conn
+        if conn is None or conn.lost is not None:
+            conn = await self._connect()
+        return await self._send_raw(conn, commands)
+
     async def aclose(self) -> None:
         self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None and conn.transport is not None:
             conn.transport.close()
+
+
+SLOTS = 16384
+MAX_REDIRECTS = 5
+Addr = tuple[str, int]
+
+
+def first_key(cmd: Sequence[Arg]) -> bytes | None:
+    """The key a command is routed by: EVAL/EVALSHA's first KEYS entry, else the first argument; None for a
+    command without keys (sent to any node)."""
+    name = cmd[0].upper() if isinstance(cmd[0], (str, bytes)) else b""
+    if name in ("EVALSHA", "EVAL", b"EVALSHA", b"EVAL"):
+        if len(cmd) < 4 or int(cmd[2]) < 1:
+            return None
+        key = cmd[3]
+    elif len(cmd) > 1:
+        key = cmd[1]
+    else:
+        return None
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class ClusterResp:
+    """The lean client (``Resp``) for a Redis Cluster: one pipelined ``Resp`` connection per master, each
+    command routed to the master of its first key's hash slot (slot map from CLUSTER SLOTS), one pipelined
+    round trip per node for a batch, every node's batch sent at once.
+
+    Redirects: MOVED (a slot changed owner: resharding or failover) refreshes the whole map and resends the
+    affected commands; ASK (a slot being migrated) resends the command once to the named node after
+    ``ASKING``. Commands of one slot are sent in order on one connection and a redirect moves every command of
+    that slot together, so their order holds. A broken connection marks the map stale (the next call reloads
+    it: a failover) and raises, as ``Resp`` does. ``node_calls`` counts round trips per node (tests)."""
+
+    def __init__(
+        self,
+        startup: Sequence[Addr],
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout_s: float = 2.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        if not startup:
+            raise ValueError("a cluster client needs at least one startup node")
+        self.startup = list(startup)
+        self._username, self._password, self._ssl = username, password, ssl_context
+        self.timeout_s, self.max_pending = timeout_s, max_pending
+        self._nodes: dict[Addr, Resp] = {}
+        self._slots: list[Addr] | None = None
+        self._refreshing: asyncio.Task[list[Addr]] | None = None
+        self.node_calls: collections.Counter[Addr] = collections.Counter()
+
+    @classmethod
+    def like(cls, client: RedisCluster) -> ClusterResp:
+        """A client for the same cluster and credentials as a redis-py ``RedisCluster``."""
+        kw = client.get_connection_kwargs()
+        nm = client.nodes_manager
+        nodes = [*nm.nodes_cache.values(), *nm.startup_nodes.values()]
+        startup = list(dict.fromkeys((n.host, int(n.port)) for n in nodes))
+        ctx = None
+        conn_class = kw.get("connection_class")
+        if isinstance(conn_class, type) and issubclass(conn_class, SSLConnection):
+            ctx = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
+            if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+        timeout = kw.get("socket_timeout") or 2.0
+        return cls(startup, username=kw.get("username"), password=kw.get("password"), ssl_context=ctx,
+                   timeout_s=float(timeout))  # fmt: skip
+
+    def node(self, addr: Addr) -> Resp:
+        resp = self._nodes.get(addr)
+        if resp is None:
+            resp = self._nodes[addr] = Resp(
+                addr[0], addr[1], username=self._username, password=self._password, ssl_context=self._ssl,
+                timeout_s=self.timeout_s, max_pending=self.max_pending,
+            )  # fmt: skip
+        return resp
+
+    async def slot_map(self, *, refresh: bool = False) -> list[Addr]:
+        """Slot -> master address; loaded once, reloaded on ``refresh`` (concurrent callers share one load)."""
+        if self._slots is not None and not refresh:
+            return self._slots
+        task = self._refreshing
+        if task is None or task.done():
+            task = self._refreshing = asyncio.get_running_loop().create_task(self._load_map())
+        return await asyncio.shield(task)
+
+    async def _load_map(self) -> list[Addr]:
+        known = list(dict.fromkeys([*(self._slots or []), *self.startup]))
+        last: Exception | None = None
+        for addr in known:
+            try:
+                (reply,) = await self.node(addr).execute([("CLUSTER", "SLOTS")])
+            except (RedisError, OSError) as exc:
+                last = exc
+                continue
+            slots: list[Addr | None] = [None] * SLOTS
+            for entry in reply:
+                lo, hi, master = int(entry[0]), int(entry[1]), entry[2]
+                host = _text(master[0]) or addr[0]  # an empty host means "the address you asked"
+                for s in range(lo, hi + 1):
+                    slots[s] = (host, int(master[1]))
+            missing = slots.count(None)
+            if missing:
+                last = RedisError(f"CLUSTERDOWN {missing} hash slots are not served (asked {addr[0]}:{addr[1]})")
+                continue
+            self._slots = cast(list[Addr], slots)
+            return self._slots
+        raise RedisConnectionError(f"no Redis Cluster node answers CLUSTER SLOTS ({known}): {last!r}") from last
+
+    async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Replies of ``commands`` in order (raises the first error reply, like ``Resp.execute``)."""
+        replies = await self.execute_raw(commands)
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                raise reply_error(r)
+        return replies
+
+    async def execute_raw(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        slots = await self.slot_map()
+        keyed = [first_key(c) for c in commands]
+        routes: list[Addr] = [slots[key_slot(k)] if k is not None else slots[0] for k in keyed]
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        asking: set[int] = set()
+        for attempt in range(MAX_REDIRECTS + 1):
+            by_node: dict[Addr, list[int]] = {}
+            for i in todo:
+                by_node.setdefault(routes[i], []).append(i)
+            results = await self._round_trip(commands, by_node, asking)
+            todo, asking, moved = [], set(), False
+            for i, reply in results:
+                replies[i] = reply
+                if not isinstance(reply, hiredis.ReplyError) or attempt == MAX_REDIRECTS:
+                    continue
+                kind, _, rest = str(reply).partition(" ")
+                if kind not in ("MOVED", "ASK"):
+                    continue
+                _, _, where = rest.partition(" ")
+                host, _, port = where.rpartition(":")
+                target = (host or routes[i][0], int(port))
+                todo.append(i)
+                if kind == "ASK":
+                    asking.add(i)
+                    routes[i] = target
+                else:
+                    moved = True
+            if not todo:
+                break
+            if moved:
+                slots = await self.slot_map(refresh=True)
+                for i in todo:
+                    if i not in asking:
+                        k = keyed[i]
+                        routes[i] = slots[key_slot(k)] if k is not None else slots[0]
+            todo.sort()  # a slot's commands keep their order
+        return replies
+
+    async def _round_trip(
+        self, commands: Sequence[Sequence[Arg]], by_node: dict[Addr, list[int]], asking: set[int]
+    ) -> list[tuple[int, Any]]:
+        """Send each node its commands (one pipelined write per node, all nodes at once)."""
+
+        async def one(addr: Addr, idx: list[int]) -> list[tuple[int, Any]]:
+            batch: list[Sequence[Arg]] = []
+            for i in idx:
+                if i in asking:
+                    batch.append(("ASKING",))
+                batch.append(commands[i])
+            self.node_calls[addr] += 1
+            got = await self.node(addr).execute_raw(batch)
+            out: list[tuple[int, Any]] = []
+            pos = 0
+            for i in idx:
+                pos += i in asking  # skip ASKING's +OK
+                out.append((i, got[pos]))
+                pos += 1
+            return out
+
+        items = list(by_node.items())
+        if len(items) == 1:
+            pairs = [await self._guard(one(*items[0]))]
+        else:
+            pairs = await asyncio.gather(*(self._guard(one(a, idx)) for a, idx in items))
+        return [p for group in pairs for p in group]
+
+    async def _guard(self, call: Awaitable[list[tuple[int, Any]]]) -> list[tuple[int, Any]]:
+        try:
+            return await call
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            self._slots_stale()
+            raise
+
+    def _slots_stale(self) -> None:
+        """A node failed: reload the slot map on the next call (a failover moves its slots)."""
+        self._slots = None
+
+    async def aclose(self) -> None:
+        nodes, self._nodes = list(self._nodes.values()), {}
+        for resp in nodes:
+            await resp.aclose()
+
+
+def lean_client(client: Redis) -> Resp | ClusterResp:
+    """The request-path client for the same server (or cluster) as a redis-py client."""
+    if isinstance(client, RedisCluster):
+        return ClusterResp.like(client)
+    return Resp.like(client)
 
 
 Call = tuple[str, Sequence[Arg], Sequence[Arg]]  # (script name, KEYS, ARGV)
@@ -368,7 +624,7 @@ class Scripts:
 
     def __init__(self, client: Redis, sources: dict[str, str]) -> None:
         self.client = client
-        self.resp = Resp.like(client)
+        self.resp = lean_client(client)
         self._sources = sources
         self._shas: dict[str, str] = {}
 
