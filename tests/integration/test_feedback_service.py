@@ -201,35 +201,37 @@ async def test_outcome_answers_503_with_retry_after_when_the_broker_does_not_ack
 
 
 async def test_labels_from_the_rule_and_from_callers_make_one_example_each(make_settings: Any, tmp_path: Any) -> None:
-    """The whole feedback service with a 2 s click rule: a click before its prediction is processed, a
+    """The whole feedback service with a 5 s click rule: a click before its prediction is processed, a
     prediction never clicked (negative at window + grace), a caller's outcome that beats the rule (the
-    rule's label is then a duplicate), a duplicate click event: one example per prediction, exact labels."""
+    rule's label is then a duplicate), a duplicate click event: one example per prediction, exact labels.
+
+    Times start once the service is up (its three consumer groups take seconds to join on Tansu): a window
+    that had begun before would let the sweep give "clicked" its negative before the click is read."""
     import yaml
 
     from rtml.core.kafka import create_topics
 
     demo = yaml.safe_load((ROOT / "services/rtml/demo/rtml.yaml").read_text())
-    demo["models"]["ctr"]["label"]["within"] = "2s"
+    demo["models"]["ctr"]["label"]["within"] = "5s"
     path = tmp_path / "rtml.yaml"
     path.write_text(yaml.safe_dump(demo))
     s: Settings = make_settings(config=path, label_grace="500ms")
     await create_topics(s)
-    t = now_ms()
-    clicked, ignored, told = prediction("clicked", ts=t), prediction("ignored", ts=t), prediction("told", ts=t)
-    ignored = ignored.model_copy(update={"entities": {"user_id": "u2", "item_id": "i9"}})
-    click = {"event_id": "c1", "type": "click", "user_id": "u1", "item_id": "i9", "ts": t + 300, "received_at": t}
     duplicates = outcomes("duplicate")
-    async with Producer(s) as producer:
-        for _ in range(2):  # the same click event twice
+    async with Producer(s) as producer, service(s) as client:
+        t = now_ms()
+        clicked, ignored, told = prediction("clicked", ts=t), prediction("ignored", ts=t), prediction("told", ts=t)
+        ignored = ignored.model_copy(update={"entities": {"user_id": "u2", "item_id": "i9"}})
+        click = {"event_id": "c1", "type": "click", "user_id": "u1", "item_id": "i9", "ts": t + 300, "received_at": t}
+        for _ in range(2):  # the same click event twice, both before the predictions
             await producer.send("events", click, key=b"u1")
-        async with service(s) as client:
-            # first on its partition (outcomes are keyed by prediction_id): it comes before the rule's label
-            r = await client.post("/v1/outcomes", json={"prediction_id": "told", "label": 0.25})
-            assert r.status_code == 202
-            for p in (clicked, ignored, told):
-                await producer.send("predictions", p, key=p.prediction_id.encode())
-            records = await consume(s, "examples", 3, timeout=30)
-            await wait_for(lambda: outcomes("duplicate") >= duplicates + 1)  # the rule's label for "told"
+        # first on its partition (outcomes are keyed by prediction_id): it comes before the rule's label
+        r = await client.post("/v1/outcomes", json={"prediction_id": "told", "label": 0.25})
+        assert r.status_code == 202
+        for p in (clicked, ignored, told):
+            await producer.send("predictions", p, key=p.prediction_id.encode())
+        records = await consume(s, "examples", 3, timeout=30)
+        await wait_for(lambda: outcomes("duplicate") >= duplicates + 1)  # the rule's label for "told"
     labels = {Example.model_validate_json(r.value).prediction_id: Example.model_validate_json(r.value).label
               for r in records}  # fmt: skip
     assert labels == {"clicked": 1.0, "ignored": 0.0, "told": 0.25}
