@@ -1,13 +1,15 @@
-"""Small test helpers shared by integration tests."""
+"""Small test helpers shared by the tests."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
 
 T = TypeVar("T")
@@ -41,3 +43,32 @@ def error_of(resp: httpx.Response) -> dict[str, Any]:
     assert {"code", "message"} <= set(body["error"]), body
     err: dict[str, Any] = body["error"]
     return err
+
+
+@contextlib.asynccontextmanager
+async def served(app: FastAPI, port: int, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve ``app`` under uvicorn (lifespan on) in this event loop on ``host:port``; yields its base URL once
+    it listens, and stops it on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    for _ in range(400):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.05)
+    assert server.started, f"{app.title} did not start on {host}:{port}"
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which a valid PNG has first, right after the signature."""
+    assert data[:8] == PNG_MAGIC, "not a PNG"
+    length, kind, width, height = struct.unpack(">I4sII", data[8:24])
+    assert kind == b"IHDR" and length == 13
+    return int(width), int(height)

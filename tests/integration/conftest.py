@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 
 from rtml.core.config import load_config
 from rtml.core.embedded import free_port
@@ -15,6 +13,7 @@ from rtml.core.settings import Settings
 from rtml.serving.app import create_app
 from rtml.serving.registry import ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, train_model
+from tests.helpers import served
 
 
 @pytest.fixture
@@ -28,17 +27,5 @@ async def serving(settings: Settings) -> AsyncIterator[Settings]:
     finally:
         await redis.aclose()
     s = settings.model_copy(update={"serving_port": free_port()})
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(s), host=s.host, port=s.serving_port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(300):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    assert server.started
-    try:
+    async with served(create_app(s), s.serving_port, s.host):
         yield s
-    finally:
-        server.should_exit = True
-        await task

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import struct
 import sys
 from pathlib import Path
 
@@ -13,16 +12,9 @@ import orjson
 import pytest
 
 from rtml.core.settings import Settings
+from tests.helpers import png_size
 
 pytestmark = pytest.mark.integration
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the IHDR chunk, first after the PNG signature."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    length, kind, width, height = struct.unpack(">I4sII", data[8:24])
-    assert kind == b"IHDR" and length == 13
-    return int(width), int(height)
 
 
 def client_env(s: Settings) -> dict[str, str]:

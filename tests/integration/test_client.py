@@ -16,8 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from rtml.client import (
     AsyncClient,
@@ -40,7 +38,7 @@ from rtml.serving.app import create_app as create_serving
 from rtml.serving.registry import ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, train_model
 from tests.conftest import ROOT
-from tests.helpers import eventually
+from tests.helpers import eventually, served
 from tests.unit.test_client_core import FakeTime, Twin
 
 pytestmark = pytest.mark.integration
@@ -54,17 +52,6 @@ class Stack:
     settings: Settings
     urls: dict[str, str]
     version: str  # the live version of the demo model "ctr"
-
-
-async def serve(app: FastAPI, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.05)
-    assert server.started, f"{app.title} did not start"
-    return server, task
 
 
 @contextlib.asynccontextmanager
@@ -86,18 +73,10 @@ async def stack(kafka_bootstrap: str, redis_url: str, tmp: Path, services: tuple
         await registry.promote("ctr", version)
     finally:
         await redis.aclose()
-    running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
-    urls: dict[str, str] = {}
-    try:
-        for name in services:
-            port = free_port()
-            running.append(await serve(CREATE[name](settings), port))
-            urls[f"{name}_url"] = f"http://127.0.0.1:{port}"
+    async with contextlib.AsyncExitStack() as running:
+        urls = {f"{name}_url": await running.enter_async_context(served(CREATE[name](settings), free_port()))
+                for name in services}  # fmt: skip
         yield Stack(settings, urls, version)
-    finally:
-        for server, _ in running:
-            server.should_exit = True
-        await asyncio.gather(*(task for _, task in running), return_exceptions=True)
 
 
 @pytest.fixture(scope="module")

