@@ -725,6 +725,25 @@ def summarise(rounds: list[dict[str, Any]], memory: dict[str, Any] | None, ent_p
     }
 
 
+def pool(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several runs' summaries as one: every round of every run, medians (min, max) over all of them; the
+    memory figures are medians of the runs'."""
+    rounds = [r for s in summaries for r in s["rounds"]]
+    mems = [s["per_unit"]["memory"] for s in summaries if "memory" in s["per_unit"]]
+    memory = None
+    if mems:
+        med = {k: spread([m[k] for m in mems])["median"] for k in mems[0]}
+        memory = {"per_entity_per_feature_bytes": med["per_entity_per_feature_bytes"],
+                  "per_entity_bytes": med["per_entity_bytes"],
+                  "seen_set": {"bytes_per_event": med["seen_bytes_per_event"]},
+                  "params": {"features": med["features"], "events_per_entity": med["events_per_entity"]}}  # fmt: skip
+    first = summaries[0]
+    args = argparse.Namespace(**{**first["params"], "runs": len(summaries)})
+    out = summarise(rounds, memory, first["per_unit"]["events"]["entities_per_event"], args, first["machine"])
+    del out["rounds"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Running: an own `rtml up` on free ports, or the one in the current directory.
 # ---------------------------------------------------------------------------------------------------------
@@ -781,10 +800,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--items", type=int, default=1_000)
     ap.add_argument("--skip-memory", action="store_true", help="skip rtml bench memory")
     ap.add_argument("--out", type=Path, help="also write the JSON summary here")
-    ap.add_argument("--sizing", type=Path, help="print the sizing tables from a summary this script wrote")
+    ap.add_argument("--sizing", type=Path, nargs="+",
+                    help="print the pooled figures and the sizing tables from summaries this script wrote")  # fmt: skip
     args = ap.parse_args(argv)
     if args.sizing:
-        inputs = sizing_inputs(orjson.loads(args.sizing.read_bytes())["per_unit"])
+        pooled = pool([orjson.loads(f.read_bytes()) for f in args.sizing])
+        print(orjson.dumps(pooled, option=orjson.OPT_INDENT_2).decode())
+        inputs = sizing_inputs(pooled["per_unit"])
         print(orjson.dumps(inputs, option=orjson.OPT_INDENT_2).decode())
         print()
         print(sizing_markdown(inputs))
