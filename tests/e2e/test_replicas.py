@@ -327,11 +327,16 @@ async def test_two_replicas_of_every_service(kafka_bootstrap: str, redis_url: st
             assert sum(consumed) == len(sent), (consumed, len(sent))  # every record published, once
             assert all(c > 0 for c in consumed), consumed  # both members of the group consumed
             events_topic = settings.topic("events")
-            owned: list[set[str]] = []
-            for url in urls["features"]:
-                text = (await http.get(f"{url}/metrics")).text
-                lags = samples(text, "rtml_consumer_lag_records", consumer="features", topic=events_topic)
-                owned.append({labels["partition"] for labels, _ in lags})
+            deadline = time.monotonic() + 10  # a partition is reported once its committed offset was listed
+            while True:
+                owned: list[set[str]] = []
+                for url in urls["features"]:
+                    text = (await http.get(f"{url}/metrics")).text
+                    lags = samples(text, "rtml_consumer_lag_records", consumer="features", topic=events_topic)
+                    owned.append({labels["partition"] for labels, _ in lags})
+                if len(set().union(*owned)) == PARTITIONS or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.3)
             assert all(owned) and not owned[0] & owned[1], owned  # each reports only its own partitions
             assert owned[0] | owned[1] == {str(p) for p in range(PARTITIONS)}, owned
 
