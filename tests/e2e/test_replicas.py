@@ -10,9 +10,11 @@ what that replica did, and the features replicas split the partitions of one con
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -23,6 +25,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rtml.cli.common import CliError
+from rtml.cli.up import plan_replicas
 from rtml.core.config import PlatformConfig, load_config
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer, decode_json
 from rtml.core.schemas import Event
@@ -349,3 +353,38 @@ async def test_two_replicas_of_every_service(kafka_bootstrap: str, redis_url: st
         assert platform.proc.wait(timeout=10) == 0
         assert time.monotonic() - started < 10
         assert not alive(children), f"left running after rtml up exited: {alive(children)}"
+
+
+def test_the_port_plan_puts_replica_i_at_base_plus_i_steps() -> None:
+    s = Settings(ingest_port=9001, features_port=9002, serving_port=9003, feedback_port=9004)
+    assert [(r.name, r.port) for r in plan_replicas(s, 1)] == [
+        ("ingest", 9001), ("features", 9002), ("serving", 9003), ("feedback", 9004)
+    ]  # fmt: skip
+    plan = plan_replicas(s, 3, port_step=100)
+    assert [r.name for r in plan[:5]] == ["ingest.0", "features.0", "serving.0", "feedback.0", "ingest.1"]
+    assert [r.port for r in plan if r.service == "serving"] == [9003, 9103, 9203]
+    with pytest.raises(CliError, match=r"ingest\.1 and features\.0 would both listen on port 9002"):
+        plan_replicas(s, 2, port_step=1)
+    with pytest.raises(CliError, match="out of range"):
+        plan_replicas(s.model_copy(update={"feedback_port": 65530}), 2)
+
+
+def test_a_taken_replica_port_is_one_clear_error_before_anything_starts(tmp_path: Path) -> None:
+    ports = {k: int(v) for k, v in free_base_ports().items()}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports["RTML_SERVING_PORT"] + PORT_STEP))
+        taken.listen()
+        env = {**os.environ, **{k: str(v) for k, v in ports.items()}}
+        env.pop("RTML_KAFKA_BOOTSTRAP", None)  # nothing may be started: not even the embedded broker
+        env.pop("RTML_REDIS_URL", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "rtml.cli.main", "up", "--run-dir", str(tmp_path), "--replicas", "2"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    port = ports["RTML_SERVING_PORT"] + PORT_STEP
+    assert message == (f"rtml: port {port} on 127.0.0.1 is taken (Address already in use); serving.1 cannot "
+                       "listen there: stop what uses it or set RTML_SERVING_PORT")  # fmt: skip
+    assert not (tmp_path / "logs" / "broker.log").exists()
