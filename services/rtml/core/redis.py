@@ -37,7 +37,14 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -113,8 +120,12 @@ async def guarded(call: Awaitable[T], what: str = "Redis call") -> T:
     """Await a Redis call, mapping connection failures to DependencyUnavailable (503 / consumer retry)."""
     try:
         return await call
-    except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError) as exc:
         raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
+    except RedisClusterException as exc:  # also raised for misuse (cross-slot keys): only outages are mapped
+        if "cannot be connected" in str(exc):
+            raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
+        raise
     except RedisError as exc:
         if any(marker in str(exc) for marker in _TRANSIENT):
             raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
@@ -604,6 +615,11 @@ class ClusterResp:
         nodes, self._nodes = list(self._nodes.values()), {}
         for resp in nodes:
             await resp.aclose()
+
+
+def is_cluster(client: Redis) -> bool:
+    """Whether ``client`` is a Redis Cluster client (``connect`` with ``settings.redis.cluster``)."""
+    return isinstance(client, RedisCluster)
 
 
 def lean_client(client: Redis) -> Resp | ClusterResp:

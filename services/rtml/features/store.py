@@ -26,7 +26,7 @@ from redis.crc import key_slot
 from rtml.core import metrics
 from rtml.core.config import FeatureDef, PlatformConfig
 from rtml.core.errors import InvalidInput, NotFound
-from rtml.core.redis import Keys, Redis, Scripts, script_source
+from rtml.core.redis import ClusterResp, Keys, Redis, Scripts, script_source
 from rtml.core.schemas import Event
 from rtml.core.timeutil import now_ms
 from rtml.features.plan import EntityPlan, Plan, Planner, encode_ops, plan_batch
@@ -84,11 +84,12 @@ class FeatureStore:
         self.config = config
         self.dedup_horizon_ms = max(dedup_horizon_ms, config.longest_window_ms)
         self.max_future_ms = max_future_ms
-        self.cluster = cluster
         self.apply_chunk = apply_chunk
         self._planner = Planner(config)
         sources = {name: script_source("rtml.features", f"lua/{name}.lua") for name in ("apply", "read")}
         self.scripts = Scripts(redis, sources)
+        # a cluster client (RTML_REDIS_CLUSTER) always groups by slot, whatever the caller passed
+        self.cluster = cluster or isinstance(self.scripts.resp, ClusterResp)
         self._plans: dict[tuple[str, tuple[str, ...] | None], _ReadPlan] = {}
 
     async def aclose(self) -> None:
