@@ -28,7 +28,7 @@ Linux only (``/proc``). The load generator's own CPU is not counted.
 ``--sizing FILE`` prints the sizing tables (docs/scaling.md) from a JSON summary this script wrote; the
 arithmetic is :func:`size` and is unit-tested (tests/unit/test_capacity.py).
 
-    python benchmarks/capacity.py [--rounds 3] [--event-rate 2000] [--concurrency 8] [--out cap.json]
+    python benchmarks/capacity.py [--rounds 3] [--event-rate 8000] [--concurrency 8] [--out cap.json]
     python benchmarks/capacity.py --sizing cap.json
 """
 
@@ -681,7 +681,9 @@ async def measure(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
 
         memory = await bench_memory(settings)
     await redis.aclose()
-    return summarise(rounds, memory, ent_per_event, args, machine())
+    out = summarise(rounds, memory, ent_per_event, args, machine())
+    out["processes"] = {k: len(v) for k, v in pids.items()}  # replicas found per service (by listening port)
+    return out
 
 
 def summarise(rounds: list[dict[str, Any]], memory: dict[str, Any] | None, ent_per_event: float,
@@ -792,8 +794,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle-s", type=float, default=3.0)
     ap.add_argument("--phase-s", type=float, default=8.0)
-    ap.add_argument("--event-rate", type=float, default=2000.0)
-    ap.add_argument("--event-batch", type=int, default=100)
+    ap.add_argument("--event-rate", type=float, default=8000.0)
+    ap.add_argument("--event-batch", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--users", type=int, default=10_000)
