@@ -7,13 +7,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from rtml.core.kafka import create_topics
 from rtml.core.redis import ClusterResp, Keys, Redis, Scripts, connect
 from rtml.core.settings import Settings
+from rtml.core.timeutil import now_ms
 from rtml.features.store import FeatureStore
+from rtml.serving.app import create_app as create_serving
+from rtml.serving.registry import ModelRegistry
 from tests.integration.test_feature_store import CONFIG, expected, random_events
 
 pytestmark = pytest.mark.integration
@@ -33,6 +37,10 @@ async def cluster_redis(cluster_settings: Settings) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def masters(client: Redis) -> set[tuple[str, int]]:
@@ -104,3 +112,123 @@ async def test_feature_store_on_a_cluster_matches_the_reference_and_a_single_nod
         await cluster.aclose()
         await single_redis.aclose()
         await cluster_redis.aclose()
+
+
+async def test_registry_keeps_the_live_versions_of_models_spread_over_every_node(cluster_settings: Settings) -> None:
+    from tests.integration.test_serving import trained
+
+    client = connect(cluster_settings)
+    keys = Keys(cluster_settings.redis.key_prefix)
+    registry = ModelRegistry(client, keys)
+    await client.initialize()  # type: ignore[attr-defined]
+    names = [f"m{i}" for i in range(8)]
+    slot_nodes = {client.get_node_from_key(keys.model(n)).name for n in names}  # type: ignore[attr-defined]
+    assert len(slot_nodes) >= 2  # the models' hash tags really are on different nodes
+    t = trained(0)
+    try:
+        want: dict[str, str | None] = {}
+        for i, n in enumerate(names):
+            first = await registry.register(n, t.onnx_bytes, t.metadata)
+            second = await registry.register(n, t.onnx_bytes, t.metadata)
+            await registry.promote(n, first)
+            if i % 2:
+                await registry.promote(n, second)
+            want[n] = second if i % 2 else first
+        want["never-registered"] = None
+        assert await registry.live_versions(list(want)) == want
+        state = await registry.serving_state(list(want))
+        assert {n: live for n, (live, _) in state.items()} == want
+        assert await registry.rollback("m1") == want["m0"]  # m1: back to its first version ("1")
+        assert await registry.live_version("m1") == "1"
+        listed = {m["name"]: m for m in await registry.describe()}
+        assert set(names) <= set(listed)
+        assert all(len(listed[n]["versions"]) == 2 for n in names)
+    finally:
+        await client.aclose()
+
+
+async def test_predictions_on_a_cluster_equal_those_on_a_single_node(
+    cluster_settings: Settings, settings: Settings
+) -> None:
+    from tests.helpers import running
+    from tests.integration.test_serving import ev, register, write_events
+
+    rng = random.Random(7)
+    now = now_ms()
+    users, items = [f"u{i}" for i in range(30)], [f"t{i}" for i in range(30)]
+    events = [
+        ev(i, rng.choice(["view", "view", "click"]), rng.choice(users), rng.choice(items), now - rng.randint(0, 90_000))
+        for i in range(1_500)
+    ]
+    pairs = [(u, rng.choice(items)) for u in users]
+    scores: list[list[Any]] = []
+    for s in (settings, cluster_settings):
+        s = s.model_copy(update={"model_poll_interval_s": 0.2})
+        await register(s)
+        await write_events(s, events)
+        got: list[Any] = []
+        async with running(create_serving(s)) as client:
+            for u, item in pairs:
+                resp = await client.post("/v1/predict", json={"entities": {"user_id": u, "item_id": item}})
+                assert resp.status_code == 200, resp.text
+                assert resp.json()["degraded"] is False
+                got.append(resp.json()["score"])
+            for u in users[:10]:  # candidates on every node: one read per node for the whole list
+                resp = await client.post("/v1/recommend", json={"user_id": u, "candidates": items, "k": 10})
+                assert resp.status_code == 200, resp.text
+                got.append(resp.json()["items"])
+        scores.append(got)
+    single, cluster = scores
+    assert cluster == single
+    assert len({s for s in single[:30]}) > 5  # the features differ between users: the comparison means something
+
+
+async def test_the_lean_client_follows_ask_during_a_slot_migration_and_moved_after_it(
+    cluster_redis: Redis, redis_cluster: str
+) -> None:
+    import os
+
+    if os.environ.get("RTML_REDIS_CLUSTER_URL"):
+        pytest.skip("moves a hash slot: only on the cluster the fixtures started")
+    assert isinstance(cluster_redis, RedisCluster)
+    await cluster_redis.initialize()
+    tag = f"mig-{random.random()}"
+    old_key, new_key = f"{{{tag}}}:old", f"{{{tag}}}:new"
+    slot = key_slot(old_key.encode())
+    source = cluster_redis.get_node_from_key(old_key)
+    target = next(n for n in cluster_redis.get_primaries() if n.name != source.name)
+    src = aioredis.Redis(host=source.host, port=source.port)
+    dst = aioredis.Redis(host=target.host, port=target.port)
+    scripts = Scripts(cluster_redis, {"getset": "redis.call('SET', KEYS[1], ARGV[1]) return redis.call('GET', KEYS[1])",
+                                      "get": "return redis.call('GET', KEYS[1])"})  # fmt: skip
+    resp = scripts.resp
+    assert isinstance(resp, ClusterResp)
+    try:
+        assert await scripts.run([("getset", [old_key], ["before"])]) == [b"before"]
+        src_id, dst_id = (
+            _text(await src.execute_command("CLUSTER MYID")),
+            _text(await dst.execute_command("CLUSTER MYID")),
+        )
+        await dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        await src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        # mid-migration: the existing key is still served by the source, a new one is ASKed to the target
+        got = await scripts.run([("get", [old_key], []), ("getset", [new_key], ["during"])])
+        assert got == [b"before", b"during"]
+        await src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", old_key)
+        for node in cluster_redis.get_primaries():
+            r = aioredis.Redis(host=node.host, port=node.port)
+            try:
+                await r.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+            finally:
+                await r.aclose()
+        # after it: the stale map sends to the source, which answers MOVED; the map is reloaded
+        calls = dict(resp.node_calls)
+        assert await scripts.run([("get", [old_key], []), ("get", [new_key], [])]) == [b"before", b"during"]
+        assert resp._slots is not None and resp._slots[slot] == (target.host, int(target.port))
+        assert resp.node_calls[(source.host, int(source.port))] == calls.get((source.host, int(source.port)), 0) + 1
+        assert await scripts.run([("get", [old_key], [])]) == [b"before"]  # straight to the new owner now
+        assert resp.node_calls[(source.host, int(source.port))] == calls.get((source.host, int(source.port)), 0) + 1
+    finally:
+        await scripts.aclose()
+        await src.aclose()
+        await dst.aclose()
