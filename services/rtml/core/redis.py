@@ -377,7 +377,9 @@ class Resp:
                 raise reply_error(r)
         return replies
 
-    async def _send_raw(self, conn: _RespProtocol, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    def _send_raw(self, conn: _RespProtocol, commands: Sequence[Sequence[Arg]]) -> asyncio.Future[list[Any]]:
+        """Queue ``commands`` on ``conn``; the future gets their replies, error replies included. A plain
+        function returning the future (not a coroutine): the request path pays no extra coroutine frame."""
         assert conn.transport is not None
         if conn.lost is not None:
             raise type(conn.lost)(str(conn.lost))
@@ -386,7 +388,7 @@ class Resp:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         conn.send(pack_commands(commands), _Waiter(future, len(commands), loop.time()))
-        return await future
+        return future
 
     async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies (raises the first error reply)."""
