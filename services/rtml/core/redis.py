@@ -18,6 +18,15 @@ node of the cluster (the startup node: the other nodes are discovered from it). 
   commands of different slots are independent, as they are on different nodes.
 
 Single node (the default): ``connect`` and ``Resp`` are unchanged; ``ClusterResp`` is never built.
+
+What a cluster changes at the call sites (audited; no key name changed, single node and cluster share one
+layout): the feature store groups each apply/read Lua call by slot whenever its client is a cluster; the
+quality store sends its EVALSHA calls one per key, concurrently (redis-py refuses EVALSHA inside a cluster
+pipeline); multi-model reads (registry ``live_versions``/``serving_state``/``describe``) are
+non-transactional pipelines that redis-py splits per node. The registry's transaction and scripts, the join,
+label and due-index scripts, the learning loop's locks and logs each touch one ``{model:..}``,
+``{p:..}``, ``{lbl:..}`` or ``{lbl-due:..}`` tag. On a cluster the URL's database must be 0 and unix
+sockets are not supported (Redis Cluster has neither).
 """
 
 from __future__ import annotations
