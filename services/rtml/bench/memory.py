@@ -15,7 +15,7 @@ from rtml.bench.common import machine, run_id
 from rtml.bench.read import _delete_prefix
 from rtml.bench.stats import median, rnd
 from rtml.bench.workload import events_for, mixed_config
-from rtml.core.redis import Keys, Redis, connect
+from rtml.core.redis import Keys, Redis, connect, text
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.features.store import FeatureStore
@@ -35,10 +35,6 @@ def tile_of_field(field: str) -> str | None:
     return head[1:] if head[:1].isalpha() else head
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def _used_memory(redis: Redis) -> int:
     info = await redis.info("memory")
     return int(info["used_memory"])
@@ -48,13 +44,13 @@ async def _entity_usage(redis: Redis, keys: Keys, user: str) -> dict[str, Any]:
     base = keys.entity("user", user)
     per_key: dict[str, dict[str, Any]] = {}
     async for raw in redis.scan_iter(match=f"{glob_escape(base)}*", count=1000):
-        key = _text(raw)
+        key = text(raw)
         usage = int(await redis.memory_usage(key, samples=0) or 0)
-        kind = _text(await redis.type(key))
-        encoding = _text(await redis.object("encoding", key) or b"")
+        kind = text(await redis.type(key))
+        encoding = text(await redis.object("encoding", key) or b"")
         entry: dict[str, Any] = {"bytes": usage, "type": kind, "encoding": encoding}
         if kind == "hash":
-            fields = [_text(f) for f in await redis.hkeys(key)]
+            fields = [text(f) for f in await redis.hkeys(key)]
             entry["fields"] = len(fields)
             entry["tiles"] = len({t for f in fields if (t := tile_of_field(f)) is not None})
         elif kind == "zset":

@@ -441,7 +441,8 @@ def first_key(cmd: Sequence[Arg]) -> bytes | None:
     return key if isinstance(key, bytes) else str(key).encode()
 
 
-def _text(raw: Any) -> str:
+def text(raw: Any) -> str:
+    """A Redis reply value as text (redis-py and ``Resp`` return bytes)."""
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
@@ -524,7 +525,7 @@ class ClusterResp:
             slots: list[Addr | None] = [None] * SLOTS
             for entry in reply:
                 lo, hi, master = int(entry[0]), int(entry[1]), entry[2]
-                host = _text(master[0]) or addr[0]  # an empty host means "the address you asked"
+                host = text(master[0]) or addr[0]  # an empty host means "the address you asked"
                 for s in range(lo, hi + 1):
                     slots[s] = (host, int(master[1]))
             missing = slots.count(None)

@@ -43,7 +43,7 @@ from aiokafka import ConsumerRecord
 from rtml.core import metrics
 from rtml.core.config import LabelRule, PlatformConfig
 from rtml.core.kafka import Consumed, Producer, encode
-from rtml.core.redis import Call, Keys, Redis, Scripts, script_source
+from rtml.core.redis import Call, Keys, Redis, Scripts, script_source, text
 from rtml.core.schemas import Outcome
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
@@ -269,7 +269,7 @@ class LabelRules:
         for (kind, info), reply in zip(meta, replies[: len(meta)], strict=True):
             if kind == "p":
                 rule, field = info
-                if _text(reply[0]) == "+":
+                if text(reply[0]) == "+":
                     labels.append((rule, field, True, int(reply[1])))
             else:
                 labels.extend(self._event_labels(info, reply))
@@ -278,8 +278,8 @@ class LabelRules:
     def _event_labels(self, rule: Rule, reply: Sequence[Any]) -> list[tuple[Rule, str, bool, int]]:
         out = []
         for i in range(0, len(reply) - 2, 3):
-            if _text(reply[i + 1]) == "+":
-                out.append((rule, _text(reply[i]), True, int(reply[i + 2])))
+            if text(reply[i + 1]) == "+":
+                out.append((rule, text(reply[i]), True, int(reply[i + 2])))
         late = int(reply[-1])
         if late:
             self._count(rule.model, "late", late)
@@ -315,7 +315,7 @@ class LabelRules:
         meta: list[tuple[Rule, str, str, str]] = []  # (rule, due key, member, field)
         for (rule, key), members in zip(buckets, taken, strict=True):
             for raw in members:
-                member = _text(raw)
+                member = text(raw)
                 tag, _, field = member.partition(_SEP)
                 calls.append(("pair", self.keys.pair_keys(tag), ["expire", field, SWEEP_TOKEN, now]))
                 meta.append((rule, key, member, field))
@@ -325,7 +325,7 @@ class LabelRules:
         labels = [
             (rule, field, False, int(reply[1]))
             for (rule, _, _, field), reply in zip(meta, replies, strict=True)
-            if _text(reply[0]) == "-"
+            if text(reply[0]) == "-"
         ]
         await self._publish(labels)  # before ``done``: a failure here leaves the lease to run out and retry
         done: dict[str, list[str]] = defaultdict(list)
@@ -344,7 +344,3 @@ class LabelRules:
             except Exception as exc:  # noqa: BLE001 -- leased members come back; the next round retries
                 log.warning("label sweep failed: %r", exc)
             await asyncio.sleep(interval_s)
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)

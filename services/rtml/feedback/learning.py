@@ -30,7 +30,7 @@ from rtml.core import metrics
 from rtml.core.config import PlatformConfig
 from rtml.core.errors import DependencyUnavailable, RtmlError
 from rtml.core.kafka import Producer
-from rtml.core.redis import Keys, Redis, guarded
+from rtml.core.redis import Keys, Redis, guarded, text
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.feedback.quality import QualityStore, learn_key
@@ -160,7 +160,7 @@ class Learning:
         policy = self.config.models[name].retrain
         if policy is None:
             return None, {}
-        state = {_text(k): _text(v) for k, v in
+        state = {text(k): text(v) for k, v in
                  (await guarded(self.redis.hgetall(learn_key(self.keys, name)), "learning state")).items()}  # fmt: skip
         labels = int(float(state.get("labels", 0)))
         since = labels - int(float(state.get("trained_labels", 0)))
@@ -240,7 +240,3 @@ class Learning:
     async def decisions(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
         raw = await guarded(self.redis.lrange(decisions_key(self.keys, name), 0, max(0, limit - 1)), "decision log")
         return [orjson.loads(r) for r in raw]
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)

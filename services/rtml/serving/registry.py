@@ -39,7 +39,7 @@ import orjson
 from rtml.core.config import PlatformConfig, load_config
 from rtml.core.errors import DependencyUnavailable, InvalidInput, NotFound, PayloadTooLarge, RtmlError
 from rtml.core.kafka import Producer
-from rtml.core.redis import Keys, Redis, connect, guarded, run_pipeline
+from rtml.core.redis import Keys, Redis, connect, guarded, run_pipeline, text
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.serving.inference.session import build_model
@@ -345,9 +345,7 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _text(raw: Any) -> str | None:
-    if raw is None:
-        return None
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+    return None if raw is None else text(raw)
 
 
 class ModelRegistry:
