@@ -82,6 +82,16 @@ DEAD_LETTERS = Counter("rtml_deadletter_total", "Records sent to the dead-letter
 INGEST_EVENTS = Counter("rtml_ingest_events_total", "Events accepted and acknowledged by the broker.")
 INGEST_REJECTED = Counter("rtml_ingest_events_rejected_total", "Events rejected as invalid.")
 INGEST_BYTES = Counter("rtml_ingest_bytes_total", "Request body bytes received on /v1/events.")
+INGEST_SHED = Counter(
+    "rtml_ingest_shed_total",
+    "POST /v1/events requests refused at once (503) because too many requests or events were in flight.",
+)
+INGEST_IN_FLIGHT = Gauge(
+    "rtml_ingest_in_flight_requests", "POST /v1/events requests being handled.", multiprocess_mode="livesum"
+)
+INGEST_PENDING_EVENTS = Gauge(
+    "rtml_ingest_pending_events", "Events waiting for the broker's acknowledgement.", multiprocess_mode="livesum"
+)
 
 # features
 FEATURE_EVENTS_APPLIED = Counter("rtml_features_events_applied_total", "Event applications per entity.", ["entity"])

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from rtml.core.app import ReadinessCheck, build_app
 from rtml.core.kafka import Producer
 from rtml.core.settings import Settings
-from rtml.ingest.routes import router
+from rtml.ingest.routes import Admission, router
 
 
 @contextlib.asynccontextmanager
@@ -22,5 +22,6 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
 
 def create_app(settings: Settings) -> FastAPI:
     app = build_app("ingest", settings, _open)
+    app.state.admission = Admission(settings.ingest_max_in_flight, settings.ingest_max_pending_events)
     app.include_router(router)
     return app

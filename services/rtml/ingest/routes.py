@@ -1,4 +1,11 @@
-"""``POST /v1/events``: validate, publish with acks=all, answer 202 only once the broker has them."""
+"""``POST /v1/events``: validate, publish with acks=all, answer 202 only once the broker has them.
+
+Admission (per process, ``Admission``): past ``RTML_INGEST_MAX_IN_FLIGHT`` requests in flight the next one is
+answered 503 ``overloaded`` with ``Retry-After`` at once, before its body is read; past
+``RTML_INGEST_MAX_PENDING_EVENTS`` events waiting for the broker's acks, a request is refused the same way once
+its events are counted. Both are counted in ``rtml_ingest_shed_total``. So a burst beyond what the broker
+acknowledges costs bounded memory and quick refusals, not a queue that times everyone out.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from pydantic import BaseModel
 
 from rtml.core import metrics
 from rtml.core.app import require
-from rtml.core.errors import BadRequest
+from rtml.core.errors import BadRequest, Overloaded
 from rtml.core.kafka import Producer
 from rtml.core.schemas import EventIn
 from rtml.core.settings import Settings
@@ -18,6 +25,39 @@ from rtml.core.timeutil import now_ms
 from rtml.ingest.validate import parse_events
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
+
+
+class Admission:
+    """The in-flight counts of one ingest process (one event loop: plain integers, no lock)."""
+
+    def __init__(self, max_in_flight: int, max_pending_events: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_pending_events = max_pending_events
+        self.in_flight = 0
+        self.pending_events = 0
+
+    def enter(self) -> None:
+        if self.in_flight >= self.max_in_flight:
+            metrics.INGEST_SHED.inc()
+            raise Overloaded(f"more than {self.max_in_flight} ingest requests in flight; retry shortly")
+        self.in_flight += 1
+        metrics.INGEST_IN_FLIGHT.set(self.in_flight)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        metrics.INGEST_IN_FLIGHT.set(self.in_flight)
+
+    def reserve(self, events: int) -> None:
+        """Count ``events`` as waiting for acks, or refuse them (one request always fits when none wait)."""
+        if self.pending_events and self.pending_events + events > self.max_pending_events:
+            metrics.INGEST_SHED.inc()
+            raise Overloaded(f"more than {self.max_pending_events} events waiting for the broker; retry shortly")
+        self.pending_events += events
+        metrics.INGEST_PENDING_EVENTS.set(self.pending_events)
+
+    def release(self, events: int) -> None:
+        self.pending_events -= events
+        metrics.INGEST_PENDING_EVENTS.set(self.pending_events)
 
 
 class Accepted(BaseModel):
@@ -52,10 +92,25 @@ _BODY_DOC: dict[str, Any] = {
     response_model=Accepted,
     dependencies=[require("ingest")],
     openapi_extra=_BODY_DOC,
-    responses={422: {"description": "invalid events, each named by index and field; nothing published"}},
+    responses={
+        422: {"description": "invalid events, each named by index and field; nothing published"},
+        503: {
+            "description": "overloaded (too many requests or events in flight) or the broker did not "
+            "acknowledge: nothing of the request is acknowledged; retry after Retry-After seconds"
+        },
+    },
 )
 async def post_events(request: Request) -> Accepted:
     """One event, or ``{"events": [...]}`` (<= 10,000). 202 once the broker acknowledged all of them."""
+    admission: Admission = request.app.state.admission
+    admission.enter()  # 503 at once past the limit, before the body is read
+    try:
+        return await _accept(request, admission)
+    finally:
+        admission.leave()
+
+
+async def _accept(request: Request, admission: Admission) -> Accepted:
     settings: Settings = request.app.state.settings
     producer: Producer = request.app.state.producer
     body = await request.body()
@@ -71,6 +126,10 @@ async def post_events(request: Request) -> Accepted:
     except Exception:
         metrics.INGEST_REJECTED.inc()
         raise
-    await producer.send_many("events", records)
+    admission.reserve(len(records))
+    try:
+        await producer.send_many("events", records)
+    finally:
+        admission.release(len(records))
     metrics.INGEST_EVENTS.inc(len(records))
     return Accepted(accepted=len(records))
