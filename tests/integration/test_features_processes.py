@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,33 +16,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rtml.core.config import PlatformConfig, load_config
+from rtml.core.config import load_config
 from rtml.core.embedded import free_port
 from rtml.core.kafka import Producer
-from rtml.core.redis import Keys, connect
 from rtml.core.schemas import Event
 from rtml.core.settings import Settings
-from rtml.features.plan import entity_id_of
-from rtml.features.store import FeatureStore
-from rtml.features.windows import reference_value, touches
+from rtml.features.windows import touches
+from tests.reference import CONFIG_YAML, assert_converges, make_events
 
 pytestmark = pytest.mark.integration
-
-CONFIG_YAML = """
-entities:
-  user: {key: user_id}
-  item: {key: item_id}
-  user_item: {keys: [user_id, item_id]}
-features:
-  user_events_total: {entity: user, agg: count}
-  user_clicks_1h:    {entity: user, agg: count, events: [click], window: 1h}
-  user_spend_24h:    {entity: user, agg: sum, field: properties.amount, window: 24h}
-  user_amount_max_1h: {entity: user, agg: max, field: properties.amount, window: 1h}
-  user_last_item_1h: {entity: user, agg: last, field: item_id, window: 1h}
-  user_items_24h:    {entity: user, agg: distinct_count, field: item_id, window: 24h}
-  item_ctr_1h:       {entity: item, agg: ratio, numerator: {events: [click]}, denominator: {events: [view]}, window: 1h}
-  pair_clicks_24h:   {entity: user_item, agg: count, events: [click], window: 24h}
-"""
 
 
 class FeaturesProcess:
@@ -113,46 +94,6 @@ def env(make_settings: Any, tmp_path: Path) -> Iterator[tuple[Settings, dict[str
     )
 
 
-def make_events(n: int, seed: int) -> list[Event]:
-    rng = random.Random(seed)
-    now = int(time.time() * 1000)
-    events: list[Event] = []
-    for i in range(n):
-        if events and rng.random() < 0.05:
-            events.append(rng.choice(events))  # an exact duplicate (same event_id), e.g. a producer retry
-            continue
-        props: dict[str, bool | int | float | str] = {}
-        if rng.random() < 0.3:
-            props["amount"] = round(rng.uniform(1, 500), 2)
-        events.append(
-            Event(
-                event_id=f"ev{seed}-{i}",
-                type=rng.choice(["view", "view", "view", "click", "purchase"]),
-                user_id=f"u{rng.randrange(40)}",
-                item_id=f"t{rng.randrange(25)}",
-                ts=now - rng.randint(0, 600_000),  # out of order within the last 10 minutes
-                received_at=now,
-                properties=props,
-            )
-        )
-    return events
-
-
-def expected(events: list[Event], config: PlatformConfig, as_of: int) -> dict[tuple[str, str], dict[str, Any]]:
-    unique: dict[str, Event] = {}
-    for e in events:
-        unique.setdefault(e.event_id, e)
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for entity in config.entities:
-        feats = config.features_of(entity)
-        ids = {entity_id_of(config, entity, e) for e in unique.values()} - {None}
-        for entity_id in ids:
-            assert entity_id is not None
-            mine = [e for e in unique.values() if entity_id_of(config, entity, e) == entity_id]
-            out[(entity, entity_id)] = {n: reference_value(mine, f, as_of) for n, f in feats.items()}
-    return out
-
-
 async def publish(settings: Settings, events: list[Event], batch: int, pause: float, on_batch: Any = None) -> None:
     async with Producer(settings) as producer:
         for n, start in enumerate(range(0, len(events), batch)):
@@ -163,33 +104,6 @@ async def publish(settings: Settings, events: list[Event], batch: int, pause: fl
             if on_batch is not None:
                 on_batch(n)
             await asyncio.sleep(pause)
-
-
-async def assert_converges(settings: Settings, config: PlatformConfig, events: list[Event], timeout: float) -> None:
-    """Wait until every feature equals the reference (over-counting never converges: it fails here)."""
-    redis = connect(settings)
-    store = FeatureStore(redis, Keys(settings.redis.key_prefix), config)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            as_of = int(time.time() * 1000)
-            want = expected(events, config, as_of)
-            keys = sorted(want)
-            got = dict(zip(keys, await store.read_many([(e, i, None) for e, i in keys], as_of=as_of), strict=True))
-            diff = {
-                (k, n): (got[k][n], v)
-                for k, row in want.items()
-                for n, v in row.items()
-                if not (got[k][n] == pytest.approx(v) if isinstance(v, float) else got[k][n] == v)
-            }
-            if not diff:
-                return
-            if time.monotonic() > deadline:
-                sample = dict(list(diff.items())[:8])
-                raise AssertionError(f"{len(diff)} feature values differ from the reference (got, want): {sample}")
-            await asyncio.sleep(0.25)
-    finally:
-        await redis.aclose()
 
 
 async def test_sigkill_during_load_leaves_every_feature_exact(
