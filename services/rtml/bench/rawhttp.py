@@ -39,17 +39,22 @@ class RawConnection:
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
         """Send one pre-built request; (status, body)."""
+        status, _, body = await self.exchange(raw)
+        return status, body
+
+    async def exchange(self, raw: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send one pre-built request; (status, headers with lower-case names, body)."""
         assert self._reader is not None and self._writer is not None, "use as an async context manager"
         self._writer.write(raw)
         head = await self._reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
-        length = None
+        headers: dict[bytes, bytes] = {}
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                raise BenchError("the raw benchmark client cannot read chunked responses")
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        if b"transfer-encoding" in headers:
+            raise BenchError("the raw benchmark client cannot read chunked responses")
+        length = int(headers.get(b"content-length", b"0") or 0)
         body = await self._reader.readexactly(length) if length else b""
-        return status, body
+        return status, headers, body

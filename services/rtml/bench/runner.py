@@ -9,6 +9,7 @@ from typing import Any
 from rtml.bench.freshness import bench_freshness
 from rtml.bench.ingest import bench_ingest
 from rtml.bench.memory import bench_memory
+from rtml.bench.overload import bench_overload
 from rtml.bench.predict import bench_predict
 from rtml.bench.read import bench_read
 from rtml.bench.recommend import bench_recommend
@@ -21,6 +22,7 @@ BENCHES: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "memory": bench_memory,
     "predict": bench_predict,
     "recommend": bench_recommend,
+    "overload": bench_overload,
 }
 
 

@@ -27,6 +27,12 @@ class Kind(StrEnum):
     recommend = "recommend"
     read = "read"
     memory = "memory"
+    overload = "overload"
+
+
+class OverloadOf(StrEnum):
+    predict = "predict"
+    ingest = "ingest"
 
 
 SERVING = (Kind.predict, Kind.recommend)
@@ -34,7 +40,9 @@ SERVING = (Kind.predict, Kind.recommend)
 
 def bench(
     kind: Kind = typer.Argument(  # noqa: B008
-        ..., help="ingest, freshness, predict, recommend (drive the running stack), read, memory (Redis)"
+        ...,
+        help="ingest, freshness, predict, recommend (drive the running stack), read, memory (Redis), "
+        "overload (refusals and admitted latency at 2x capacity)",
     ),
     duration: float | None = typer.Option(
         None, min=0.5, help="total seconds, split over runs (ingest, freshness, predict, recommend)"
@@ -52,6 +60,10 @@ def bench(
     swap: bool = typer.Option(
         False, "--swap", help="predict: promote a copy of the live model under load and report the hot swap"
     ),
+    of: OverloadOf = typer.Option(  # noqa: B008
+        OverloadOf.predict, "--of", help="overload: the route driven past its capacity (predict or ingest)"
+    ),
+    factor: float = typer.Option(2.0, min=1.0, help="overload: offered rate as a multiple of measured capacity"),
     out: Path | None = typer.Option(None, help="also write the JSON summary here"),  # noqa: B008
     plot: Path | None = typer.Option(  # noqa: B008
         None,
@@ -66,14 +78,14 @@ def bench(
     quiet_logging()
     opts: dict[str, Any] = {}
     if duration is not None:
-        _only(kind, "--duration", Kind.ingest, Kind.freshness, *SERVING)
+        _only(kind, "--duration", Kind.ingest, Kind.freshness, Kind.overload, *SERVING)
         opts["duration_s"] = duration
     if rate is not None:
         _only(kind, "--rate", Kind.ingest, Kind.freshness)
         opts["rate"] = rate
     if concurrency:
-        _only(kind, "--concurrency", Kind.ingest, *SERVING)
-        opts["concurrency"] = concurrency[0] if kind is Kind.ingest else tuple(concurrency)
+        _only(kind, "--concurrency", Kind.ingest, Kind.overload, *SERVING)
+        opts["concurrency"] = concurrency[0] if kind in (Kind.ingest, Kind.overload) else tuple(concurrency)
     if repeats is not None:
         _only(kind, "--repeats", Kind.ingest, Kind.read, *SERVING)
         opts["rounds" if kind in SERVING else "repeats"] = repeats
@@ -89,6 +101,13 @@ def bench(
         if concurrency and len(concurrency) > 1:
             raise CliError("--swap runs at one concurrency: give --concurrency once", exit_code=2)
         opts["swap"] = True
+    if of is not OverloadOf.predict:
+        _only(kind, "--of", Kind.overload)
+    if factor != 2.0:
+        _only(kind, "--factor", Kind.overload)
+    if kind is Kind.overload:
+        opts["of"] = of.value
+        opts["factor"] = factor
     if plot is not None:
         _check_plot(kind, plot, swap)
     try:

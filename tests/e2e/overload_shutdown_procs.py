@@ -1,0 +1,131 @@
+"""Shared by the overload and shutdown tests: ``rtml serve NAME`` as a real process, its metrics and RSS, and
+a whole-topic read. (Not a test module: pytest collects only ``test_*.py``.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtml.core.embedded import free_port
+from rtml.core.kafka import client_options
+from rtml.core.settings import ServiceName, Settings
+
+
+def env_of(s: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes ``rtml serve`` use these settings (broker, Redis, prefixes, config)."""
+    assert s.kafka.bootstrap and s.redis.url
+    return {
+        "RTML_KAFKA_BOOTSTRAP": s.kafka.bootstrap,
+        "RTML_KAFKA_PARTITIONS": str(s.kafka.partitions),
+        "RTML_REDIS_URL": s.redis.url,
+        "RTML_REDIS_KEY_PREFIX": s.redis.key_prefix,
+        "RTML_TOPIC_PREFIX": s.topic_prefix,
+        "RTML_CONFIG": str(s.platform_config_path()),
+        "RTML_EXAMPLES_DIR": str(s.examples_dir),
+        "RTML_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
+class Service:
+    """One ``rtml serve NAME`` process on a free port (kept across restarts), its output in ``log``."""
+
+    def __init__(self, name: ServiceName, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.env = {**os.environ, **env, f"RTML_{name.upper()}_PORT": str(self.port)}
+        self.log = log_dir / f"{name}.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rtml.cli.main", "serve", self.name],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"{self.name} exited: {self.tail()}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} not ready in {timeout} s: {self.tail()}")
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, wait for the exit (a hang fails), the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} did not exit within {timeout} s of SIGTERM: {self.tail()}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def rss_bytes(self) -> int:
+        """Resident set size of the service process, from /proc (Linux)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc status")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples called ``name`` (with these labels) on its /metrics."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+
+async def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[Any]:
+    """Every record now on ``topic`` (this test's prefix), every partition from the start to its end offset."""
+    consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        full = settings.topic(topic)
+        parts = [TopicPartition(full, p) for p in sorted(await consumer.partitions_for_topic(full) or [])]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(await consumer.position(tp) < ends[tp] for tp in parts):
+            assert time.monotonic() < deadline, f"could not read {full} to its end in {timeout_s} s"
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(records)
+        return out
+    finally:
+        await consumer.stop()

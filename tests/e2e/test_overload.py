@@ -1,0 +1,307 @@
+"""Overload, on real processes (``rtml serve``) with the real broker and redis-server.
+
+At about twice the measured capacity the excess is refused at once (503 ``overloaded`` + Retry-After), nothing
+else fails and everything admitted is right; refusals come back while admitted requests are still held (not
+queued behind them); memory stays bounded. Timings are not asserted here: ``rtml bench overload`` reports them.
+The load is driven by the benchmark's own functions (rtml.bench.overload), so the bench and these tests
+measure the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from rtml.bench.ingest import applied_views, batch_bodies, user_ids
+from rtml.bench.overload import Answer, Pool, bodies_for, closed_loop, open_loop
+from rtml.bench.rawhttp import build_request
+from rtml.core import embedded
+from rtml.core.kafka import create_topics
+from rtml.core.settings import Settings
+from tests.e2e.overload_shutdown_procs import Service, env_of
+from tests.helpers import error_of, eventually
+from tests.integration.test_serving import expected_score, register
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+LIMIT = 8  # in-flight limit of the services under test: small, so twice the capacity is quick to reach
+HOLD_MS = "60000"  # the request deadline of requests that must wait for a paused dependency
+
+
+def rows(n: int) -> list[list[float]]:
+    """Distinct model inputs (user_clicks_5m, item_ctr_1h, user_items_24h): each answer is checked exactly."""
+    return [[float(k % 7), (k % 10) / 10, float(k % 5)] for k in range(n)]
+
+
+def predict_bodies(n: int) -> list[bytes]:
+    names = ("user_clicks_5m", "item_ctr_1h", "user_items_24h")
+    return [
+        orjson.dumps({"entities": {"user_id": f"ov-u{k}", "item_id": "t1"},
+                      "features": dict(zip(names, r, strict=True))})
+        for k, r in enumerate(rows(n))
+    ]  # fmt: skip
+
+
+def assert_only_admitted_or_refused(answers: list[Answer], ok: int) -> tuple[list[Answer], list[Answer]]:
+    """Every answer is ``ok`` or a refusal (503 overloaded / 429) with Retry-After: no other status, no timeout,
+    no connection error. Returns (admitted, refused)."""
+    admitted = [a for a in answers if a.status == ok]
+    refused = [a for a in answers if a.refused]
+    others = [(a.status, a.body[:200]) for a in answers if a.status != ok and not a.refused]
+    assert not others, f"{len(others)} answers neither admitted nor refused for load, e.g. {others[:5]}"
+    assert all(a.retry_after for a in refused), "a refusal without Retry-After"
+    return admitted, refused
+
+
+async def overload(service: Service, requests: list[bytes], ok: int) -> tuple[float, list[Answer], int, int]:
+    """Warm up, measure closed-loop capacity at the in-flight limit, then offer twice that rate open loop for
+    a while. (capacity req/s, overload answers, RSS after warm-up, RSS after the overload)."""
+    pool = Pool("127.0.0.1", service.port)
+    try:
+        await closed_loop(pool, requests, concurrency=LIMIT, duration_s=1.5)  # warm-up
+        rss_warm = service.rss_bytes()
+        answers, elapsed = await closed_loop(pool, requests, concurrency=LIMIT, duration_s=3.0)
+        capacity = sum(1 for a in answers if a.status == ok) / elapsed
+        assert capacity > 0, f"nothing admitted in the capacity phase: {service.tail()}"
+        loaded = await open_loop(pool, requests, rate=2 * capacity, duration_s=8.0, timeout_s=60)
+        rss_after = service.rss_bytes()
+    finally:
+        await pool.close()
+    return capacity, loaded, rss_warm, rss_after
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "logs"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    for s in started:
+        s.kill()
+
+
+# memory: RSS after a long overload may exceed RSS after warm-up by this much (allocator arenas, buffers grown
+# once); what an unbounded queue of refused work would add grows with the excess, past this within seconds.
+RSS_SLACK = 1.3
+RSS_SLACK_BYTES = 40 * 1024 * 1024
+
+
+@pytest.mark.slow
+async def test_serving_at_twice_capacity_refuses_the_excess_and_answers_the_rest_right(
+    make_settings: Any, log_dir: Path, services: list[Service]
+) -> None:
+    s: Settings = make_settings()
+    await create_topics(s)
+    version = await register(s)
+    serving = Service("serving", env_of(s, RTML_PREDICT_MAX_IN_FLIGHT=str(LIMIT)), log_dir)
+    services.append(serving)
+    serving.wait_ready()
+    bodies = predict_bodies(50)
+    requests = [build_request("POST", "127.0.0.1", serving.port, "/v1/predict", b, {"content-type": "application/json"})
+                for b in bodies]  # fmt: skip
+    shed_before = serving.metric("rtml_serving_shed_total")
+
+    capacity, answers, rss_warm, rss_after = await overload(serving, requests, 200)
+
+    admitted, refused = assert_only_admitted_or_refused(answers, 200)
+    assert refused, f"nothing refused at twice the capacity ({capacity:.0f}/s offered x2, {len(answers)} sent)"
+    assert admitted, "nothing admitted under overload"
+    want = [expected_score(r) for r in rows(len(bodies))]
+    for a in admitted:  # every 200 is the model's answer for exactly that request's inputs
+        body = orjson.loads(a.body)
+        assert (body["model"], body["version"], body["degraded"]) == ("ctr", version, False), body
+        assert body["score"] == pytest.approx(want[a.index], abs=1e-5), (a.index, body)
+    # the service counted exactly the refusals the client saw
+    assert serving.metric("rtml_serving_shed_total") - shed_before == len(refused)
+    # bounded: the prediction log kept up (nothing dropped, its queue under its cap) and memory did not grow
+    assert serving.metric("rtml_prediction_log_dropped_total") == 0
+    assert serving.metric("rtml_prediction_log_pending") <= s.prediction_log_buffer
+    assert rss_after <= rss_warm * RSS_SLACK + RSS_SLACK_BYTES, (rss_warm, rss_after)
+
+    # the benchmark runs against the same process and reports its fields
+    out = subprocess.run(
+        [sys.executable, "-m", "rtml.cli.main", "bench", "overload", "--duration", "3"],
+        env={**serving.env}, capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    report = json.loads(out.stdout)
+    assert report["bench"] == "overload" and report["of"] == "predict" and report["max_in_flight"] == LIMIT
+    over = report["overload"]
+    assert report["capacity"]["req_per_s"] > 0 and over["offered_req_per_s"] > report["capacity"]["req_per_s"]
+    assert over["sent"] == over["admitted"]["n"] + over["refused"]["n"] + sum(over["other"].values())
+    for part in ("admitted", "refused"):
+        assert {"n", "p50_ms", "p99_ms", "max_ms"} <= set(over[part])
+    assert "refused_p99_ms" in report["targets"]
+
+
+@pytest.mark.slow
+async def test_ingest_at_twice_capacity_refuses_the_excess_and_every_accepted_event_reaches_the_features(
+    make_settings: Any, log_dir: Path, services: list[Service]
+) -> None:
+    s: Settings = make_settings()
+    await create_topics(s)
+    env = env_of(s, RTML_INGEST_MAX_IN_FLIGHT=str(LIMIT))
+    ingest = Service("ingest", env, log_dir)
+    features = Service("features", env, log_dir)
+    services += [ingest, features]
+    ingest.wait_ready()
+    features.wait_ready()
+    prefix = "ov"
+    bodies = batch_bodies(prefix, batch=50, users=200, items=50, count=64)
+    requests = [build_request("POST", "127.0.0.1", ingest.port, "/v1/events", b, {"content-type": "application/json"})
+                for b in bodies]  # fmt: skip
+    shed_before = ingest.metric("rtml_ingest_shed_total")
+    events_before = ingest.metric("rtml_ingest_events_total")
+
+    capacity, answers, rss_warm, rss_after = await overload(ingest, requests, 202)
+
+    admitted, refused = assert_only_admitted_or_refused(answers, 202)
+    assert refused, f"nothing refused at twice the capacity ({capacity:.0f}/s offered x2, {len(answers)} sent)"
+    assert all(error_of(httpx.Response(503, content=a.body))["code"] == "overloaded" for a in refused)
+    assert ingest.metric("rtml_ingest_shed_total") - shed_before == len(refused)
+    assert all(orjson.loads(a.body) == {"accepted": 50} for a in admitted)
+    assert rss_after <= rss_warm * RSS_SLACK + RSS_SLACK_BYTES, (rss_warm, rss_after)
+    assert ingest.metric("rtml_ingest_in_flight_requests") == 0
+    assert ingest.metric("rtml_ingest_pending_events") == 0
+
+    # every acknowledged event reaches the features exactly once: the warm-up and capacity phases' too
+    accepted = ingest.metric("rtml_ingest_events_total") - events_before
+    assert accepted >= 50 * len(admitted)
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def all_applied() -> None:
+            assert await applied_views(http, features.url, user_ids(prefix, 200), {}) == accepted
+
+        await eventually(all_applied, timeout=180, every=0.5)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[embedded.Managed]:
+    """A broker of this test's own, to pause with SIGSTOP (the session's is shared)."""
+    broker = embedded.start_broker(log_dir=tmp_path / "broker")
+    try:
+        yield broker
+    finally:
+        if broker.proc.poll() is None:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        broker.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[embedded.Managed]:
+    """A redis-server of this test's own, to pause with SIGSTOP."""
+    server = embedded.start_redis()
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
+async def held_and_refused(
+    http: httpx.AsyncClient, url: str, bodies: list[bytes], held: int, headers: dict[str, str]
+) -> tuple[list[asyncio.Task[httpx.Response]], list[httpx.Response]]:
+    """Send every body at once while the dependency is paused: wait until all but ``held`` came back, and
+    check that exactly ``held`` are still pending then. (pending tasks, the answered responses)."""
+    tasks = [asyncio.create_task(http.post(url, content=b, headers=headers)) for b in bodies]
+
+    async def all_but_held_answered() -> None:
+        assert sum(t.done() for t in tasks) >= len(tasks) - held
+
+    await eventually(all_but_held_answered, timeout=60)
+    pending = [t for t in tasks if not t.done()]
+    answered = [t.result() for t in tasks if t.done()]
+    assert len(pending) == held, f"{len(pending)} pending, {held} expected: {[r.status_code for r in answered]}"
+    return pending, answered
+
+
+def assert_refused(responses: list[httpx.Response]) -> None:
+    for r in responses:
+        assert r.status_code == 503 and error_of(r)["code"] == "overloaded", (r.status_code, r.text)
+        assert r.headers["Retry-After"] == "1"
+
+
+async def test_ingest_refuses_at_once_while_the_admitted_requests_wait_for_the_broker(
+    make_settings: Any, own_broker: embedded.Managed, log_dir: Path, services: list[Service]
+) -> None:
+    s: Settings = make_settings(kafka={"bootstrap": f"127.0.0.1:{own_broker.port}"})
+    await create_topics(s)
+    pending_cap = 250
+    env = env_of(s, RTML_INGEST_MAX_IN_FLIGHT="4", RTML_INGEST_MAX_PENDING_EVENTS=str(pending_cap),
+                 RTML_KAFKA_PUBLISH_TIMEOUT_S="120", RTML_KAFKA_REQUEST_TIMEOUT_MS="120000")  # fmt: skip
+    ingest = Service("ingest", env, log_dir)
+    services.append(ingest)
+    ingest.wait_ready()
+    url = f"{ingest.url}/v1/events"
+    one = [orjson.dumps({"type": "view", "user_id": f"h{k}", "item_id": "t1"}) for k in range(12)]
+    hundred = batch_bodies("hb", batch=100, users=10, items=5, count=6)
+    hdrs = {"content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=50)) as http:
+        assert (await http.post(url, content=one[0], headers=hdrs)).status_code == 202  # connected, metadata known
+
+        # requests in flight: 4 wait for the paused broker, the 8 others are refused meanwhile
+        os.kill(own_broker.proc.pid, signal.SIGSTOP)
+        try:
+            pending, answered = await held_and_refused(http, url, one, 4, hdrs)
+            assert_refused(answered)
+            assert ingest.metric("rtml_ingest_in_flight_requests") == 4
+        finally:
+            os.kill(own_broker.proc.pid, signal.SIGCONT)
+        assert [(await t).status_code for t in pending] == [202] * 4
+
+        # events waiting for acks: 2 batches of 100 fit under 250, the 4 others are refused
+        os.kill(own_broker.proc.pid, signal.SIGSTOP)
+        try:
+            pending, answered = await held_and_refused(http, url, hundred, 2, hdrs)
+            assert_refused(answered)
+            assert ingest.metric("rtml_ingest_pending_events") == 200
+        finally:
+            os.kill(own_broker.proc.pid, signal.SIGCONT)
+        assert [(await t).json() for t in pending] == [{"accepted": 100}] * 2
+        assert ingest.metric("rtml_ingest_shed_total") == 8 + 4
+        assert ingest.metric("rtml_ingest_events_total") == 1 + 4 + 200
+
+
+async def test_serving_refuses_at_once_while_the_admitted_requests_wait_for_redis(
+    make_settings: Any, own_redis: embedded.Managed, log_dir: Path, services: list[Service]
+) -> None:
+    s: Settings = make_settings(redis={"url": f"redis://127.0.0.1:{own_redis.port}/0"})
+    await create_topics(s)
+    version = await register(s)
+    env = env_of(s, RTML_PREDICT_MAX_IN_FLIGHT="4", RTML_REDIS_SOCKET_TIMEOUT_S="120",
+                 RTML_MODEL_POLL_INTERVAL_S="3600")  # fmt: skip
+    serving = Service("serving", env, log_dir)
+    services.append(serving)
+    serving.wait_ready()
+    url = f"{serving.url}/v1/predict"
+    bodies = bodies_for("predict", "held", 1)[1][:12]
+    hdrs = {"content-type": "application/json", "X-Request-Timeout-Ms": HOLD_MS}
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=50)) as http:
+        assert (await http.post(url, content=bodies[0], headers=hdrs)).status_code == 200
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            pending, answered = await held_and_refused(http, url, bodies, 4, hdrs)
+            assert_refused(answered)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        for t in pending:  # the admitted ones are answered in full once Redis is back, not degraded
+            body = (await t).json()
+            assert (body["model"], body["version"], body["degraded"]) == ("ctr", version, False), body
+        assert serving.metric("rtml_serving_shed_total") == 8
