@@ -15,9 +15,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -192,10 +193,12 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONBytes:
-        return JSONBytes(invalid_body(exc.errors()), status_code=422)
+        return auth_refusal(request) or JSONBytes(invalid_body(exc.errors()), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONBytes:
+        if exc.status_code == 400 and (refused := auth_refusal(request)) is not None:
+            return refused  # a body FastAPI could not parse, sent without the right key
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONBytes({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
 
@@ -236,13 +239,55 @@ def build_app(
     return app
 
 
+# Declared so the OpenAPI document says how to authenticate (``components.securitySchemes.apiKey``) and each
+# operation names the scope it needs (``security: [{"apiKey": [scope]}]``). The check itself is ``ApiKeys``'.
+API_KEY_SCHEME = HTTPBearer(
+    scheme_name="apiKey",
+    auto_error=False,
+    description="When RTML_API_KEYS is set: Authorization: Bearer KEY, a key with the scope the operation lists "
+    "(or admin). 401 without a known key, 403 when the key lacks the scope.",
+)
+
+
+class Require:
+    """The dependency ``require`` declares: checks the caller's key for ``scope``. A class (not a closure) so
+    ``route_scope`` can tell which scope a route needs."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: AuthScope) -> None:
+        self.scope: AuthScope = scope
+
+    def __call__(self, request: Request, _: Annotated[Any, Depends(API_KEY_SCHEME)]) -> None:
+        request.app.state.api_keys.check(request.headers.get("authorization"), self.scope)
+
+
 def require(scope: AuthScope) -> Any:
     """Route dependency: the caller's API key must carry ``scope`` (when RTML_API_KEYS is set)."""
+    return Security(Require(scope), scopes=[scope])
 
-    def check(request: Request) -> None:
+
+def route_scope(route: Any) -> AuthScope | None:
+    """The scope a route declared with ``require`` (None: an open route, or not an API route)."""
+    dependant = getattr(route, "dependant", None)
+    for dep in dependant.dependencies if dependant is not None else ():
+        if isinstance(dep.call, Require):
+            return dep.call.scope
+    return None
+
+
+def auth_refusal(request: Request) -> JSONBytes | None:
+    """The 401/403 a request to an authenticated route gets, if any. FastAPI parses a JSON body before it
+    runs a route's dependencies: the handlers of body errors ask this first, so a caller without the right
+    key learns that (401/403), not what is wrong with the body."""
+    scope = route_scope(request.scope.get("route"))
+    if scope is None:
+        return None
+    try:
         request.app.state.api_keys.check(request.headers.get("authorization"), scope)
-
-    return Depends(check)
+    except RtmlError as exc:
+        return error_response(exc)
+    return None
 
 
 def settings_of(request: Request) -> Settings:

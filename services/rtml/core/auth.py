@@ -1,4 +1,8 @@
-"""Scoped API keys (``RTML_API_KEYS=key1:ingest+read,key2:admin``), compared in constant time."""
+"""Scoped API keys (``RTML_API_KEYS=key1:ingest+read,key2:admin``), compared in constant time.
+
+Which scope each route needs is declared on the route (``rtml.core.app.require``, also published in the
+OpenAPI document as the operation's ``security``); serving's fast path checks the ``predict`` scope itself
+with the same ``ApiKeys.check``. ``tests/integration/test_auth_routes.py`` holds the table of every route."""
 
 from __future__ import annotations
 
@@ -25,22 +29,30 @@ class ApiKeys:
         if not spec or not spec.strip():
             return cls(())
         keys = []
-        for part in spec.split(","):
+        # Errors name the entry by its position, never by its text: an entry written the wrong way round
+        # (``ingest:KEY``) would otherwise put the key in the error, and from there in a log.
+        for n, part in enumerate(spec.split(","), start=1):
             part = part.strip()
             if not part:
                 continue
             key, sep, scopes = part.rpartition(":")
             if not sep or not key:
-                raise ConfigError("RTML_API_KEYS: each entry must be key:scope1+scope2")
+                raise ConfigError(f"RTML_API_KEYS: entry {n} must be key:scope1+scope2")
             wanted = frozenset(s.strip() for s in scopes.split("+") if s.strip())
-            unknown = wanted - SCOPES
-            if unknown or not wanted:
-                raise ConfigError(f"RTML_API_KEYS: unknown scope(s) {sorted(unknown)}; use {sorted(SCOPES)}")
+            if not wanted or not wanted <= SCOPES:
+                raise ConfigError(
+                    f"RTML_API_KEYS: entry {n} has an unknown or no scope; scopes are {', '.join(sorted(SCOPES))}"
+                )
             keys.append((key.encode(), wanted))
         return cls(tuple(keys))
 
     def check(self, authorization: str | None, scope: Scope) -> None:
-        """Raise 401 without a known key, 403 when the key lacks ``scope``. No-op when keys are not set."""
+        """Raise 401 without a known key, 403 when the key lacks ``scope`` (a key with ``admin`` has every
+        scope). No-op when keys are not set.
+
+        The given key is compared with every configured key by ``hmac.compare_digest``, with no early exit,
+        so the time taken says nothing about how much of a key matched nor which key it was (only, as
+        ``compare_digest`` documents, whether the lengths differ). Neither error message contains the key."""
         if not self.keys:
             return
         if not authorization or not authorization.startswith("Bearer "):

@@ -43,8 +43,13 @@ class InvalidInput(RtmlError):
 
 
 class Unauthorized(RtmlError):
+    """No API key, or not a known one (RFC 9110: a 401 names the scheme to use)."""
+
     status = 401
     code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(RtmlError):
