@@ -3,6 +3,7 @@ a whole-topic read. (Not a test module: pytest collects only ``test_*.py``.)"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from rtml.core import embedded
 from rtml.core.embedded import free_port
 from rtml.core.kafka import client_options
 from rtml.core.settings import ServiceName, Settings
@@ -129,3 +131,80 @@ async def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> l
         return out
     finally:
         await consumer.stop()
+
+
+class DelayProxy:
+    """A TCP proxy on a free loopback port that forwards every chunk to ``upstream`` (and back) ``delay_s``
+    later, in order: a dependency on a slow network. Under it, a service's capacity is bounded by that latency
+    and its in-flight limit (Little's law), which is the overload the in-flight admission exists for."""
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        self.upstream_port = upstream_port
+        self.delay_s = delay_s
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> DelayProxy:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if not chunk:
+                    break
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                dst.write(chunk)
+                await dst.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while chunk := await src.read(65536):
+                queue.put_nowait((loop.time() + self.delay_s, chunk))
+            queue.put_nowait((0.0, b""))
+            await sender
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sender.cancel()
+            dst.close()
+
+
+def start_broker_behind(proxy_port: int, log_dir: Path) -> embedded.Managed:
+    """Tansu (memory storage) listening on a free port but advertising ``proxy_port``: after bootstrap every
+    client connects through whatever listens there (a ``DelayProxy``)."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "broker.log", "ab") as out:
+        proc = subprocess.Popen(
+            [embedded.broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}", "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=embedded.die_with_parent,
+        )  # fmt: skip
+    embedded.wait_for_port("127.0.0.1", port, 15, proc)
+    return embedded.Managed("broker", proc, port)

@@ -36,6 +36,9 @@ from rtml.core.settings import Settings
 
 Of = Literal["predict", "ingest"]
 MAX_CONNECTIONS = 1_000
+# A keep-alive connection idle longer than this is closed rather than reused: uvicorn closes idle ones after 5 s
+# (timeout_keep_alive), and a request written as it does so fails without being an answer of the server's.
+MAX_IDLE_S = 2.0
 TARGET_REFUSAL_P99_MS = 5.0
 TIMEOUT = 0  # ``Answer.status`` of a request that got no answer within the timeout
 CONNECTION_ERROR = -1  # ... of a request whose connection failed
@@ -73,12 +76,18 @@ class Pool:
 
     def __init__(self, host: str, port: int, max_connections: int = MAX_CONNECTIONS) -> None:
         self.host, self.port, self.max_connections = host, port, max_connections
-        self._free: list[RawConnection] = []
+        self._free: list[tuple[RawConnection, float]] = []  # with the time each was last answered on
         self.opened = 0
 
     async def request(self, raw: bytes, timeout_s: float, started: float, index: int = -1) -> Answer:
         t0 = time.perf_counter()
-        conn = self._free.pop() if self._free else None
+        conn = None
+        while self._free:
+            conn, last = self._free.pop()
+            if t0 - last <= MAX_IDLE_S:
+                break
+            await self._drop(conn)
+            conn = None
         try:
             async with asyncio.timeout(timeout_s):
                 if conn is None:
@@ -98,7 +107,7 @@ class Pool:
         if headers.get(b"connection", b"").lower() == b"close":
             await self._drop(conn)
         else:
-            self._free.append(conn)
+            self._free.append((conn, time.perf_counter()))
         return Answer(t0 - started, status, latency, body, headers.get(b"retry-after"), index)
 
     async def _drop(self, conn: RawConnection | None) -> None:
@@ -109,7 +118,7 @@ class Pool:
 
     async def close(self) -> None:
         while self._free:
-            await self._drop(self._free.pop())
+            await self._drop(self._free.pop()[0])
 
 
 async def closed_loop(
