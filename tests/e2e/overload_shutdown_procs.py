@@ -117,13 +117,14 @@ async def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> l
     await consumer.start()
     try:
         full = settings.topic(topic)
-        parts = [TopicPartition(full, p) for p in sorted(await consumer.partitions_for_topic(full) or [])]
+        assert full in await consumer.topics()  # also fetches the metadata partitions_for_topic reads
+        parts = [TopicPartition(full, p) for p in sorted(consumer.partitions_for_topic(full) or [])]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)
         out: list[Any] = []
         deadline = time.monotonic() + timeout_s
-        while any(await consumer.position(tp) < ends[tp] for tp in parts):
+        while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
             assert time.monotonic() < deadline, f"could not read {full} to its end in {timeout_s} s"
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():

@@ -21,6 +21,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,21 @@ def _uvicorn_options(settings: Settings, name: Service) -> dict[str, Any]:
     }
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the SIGTERM/SIGINT it handled once its graceful shutdown is over, so the process dies
+    of the signal (exit status -15, 143 in a shell) even after draining requests and committing offsets.
+    ``rtml serve`` exits 0 then instead: a clean stop reads as one (a container is "Completed", not "Error"),
+    and a process killed before or during its shutdown still shows the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+
 class _Supervisor(Multiprocess):
     """uvicorn's worker supervisor (restarts a worker that died, SIGHUP replaces them all, SIGTTIN/SIGTTOU add
     and remove one) plus prometheus-client's bookkeeping: every worker that is gone, whatever the way, is
@@ -184,7 +200,7 @@ def serve(
         _serve_workers(name, settings, n)
         return
     app = create_service_app(name, settings)
-    server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options(settings, name)))
+    server = _Server(uvicorn.Config(app, **_uvicorn_options(settings, name)))
     # The app's lifespan runs gc.collect() + gc.freeze() once its resources are open (rtml.core.app).
     server.run()
     if not server.started:

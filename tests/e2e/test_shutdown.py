@@ -1,0 +1,198 @@
+"""Graceful shutdown, on real processes (``rtml serve``) with the real broker and redis-server.
+
+SIGTERM: a request in flight completes with its normal answer, what the service acknowledged is on its topic
+(ingest's events, serving's prediction log), consumers commit what they applied (a restart neither applies a
+record twice nor skips one), and a rolling restart of every service under load loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from rtml.core import embedded
+from rtml.core.config import load_config
+from rtml.core.kafka import create_topics
+from rtml.core.schemas import Event
+from rtml.core.settings import Settings
+from tests.e2e.overload_shutdown_procs import Service, env_of, read_topic
+from tests.helpers import eventually
+from tests.integration.test_features_processes import CONFIG_YAML, assert_converges, make_events, publish
+from tests.integration.test_serving import register
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+HOLD = {"RTML_KAFKA_PUBLISH_TIMEOUT_S": "60", "RTML_KAFKA_REQUEST_TIMEOUT_MS": "60000"}
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "logs"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    for s in started:
+        s.kill()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[embedded.Managed]:
+    """A broker of this test's own, to pause with SIGSTOP (the session's is shared)."""
+    broker = embedded.start_broker(log_dir=tmp_path / "broker")
+    try:
+        yield broker
+    finally:
+        if broker.proc.poll() is None:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        broker.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[embedded.Managed]:
+    server = embedded.start_redis()
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def stop_listening(service: Service) -> None:
+    """Wait until the service stopped accepting connections: it is shutting down (SIGTERM handled)."""
+
+    async def closed() -> None:
+        assert not listening(service.port)
+
+    await eventually(closed, timeout=30)
+
+
+async def test_sigterm_lets_an_ingest_request_in_flight_finish_with_its_events_on_the_topic(
+    make_settings: Any, own_broker: embedded.Managed, log_dir: Path, services: list[Service]
+) -> None:
+    s: Settings = make_settings(kafka={"bootstrap": f"127.0.0.1:{own_broker.port}"})
+    await create_topics(s)
+    ingest = Service("ingest", env_of(s, **HOLD), log_dir)
+    services.append(ingest)
+    ingest.wait_ready()
+    url = f"{ingest.url}/v1/events"
+    batch = {"events": [{"event_id": f"held-{i}", "type": "view", "user_id": f"u{i % 7}"} for i in range(100)]}
+    async with httpx.AsyncClient(timeout=60) as http:
+        first = await http.post(url, json={"event_id": "first", "type": "view", "user_id": "u0"})
+        assert first.status_code == 202
+        os.kill(own_broker.proc.pid, signal.SIGSTOP)
+        try:
+            held = asyncio.create_task(http.post(url, json=batch))
+
+            async def admitted() -> None:
+                assert ingest.metric("rtml_ingest_pending_events") == 100
+
+            await eventually(admitted, timeout=30)
+            assert ingest.proc is not None
+            ingest.proc.send_signal(signal.SIGTERM)
+            await stop_listening(ingest)  # shutting down, the request still waiting for the broker
+            assert not held.done()
+        finally:
+            os.kill(own_broker.proc.pid, signal.SIGCONT)
+        answer = await held
+    assert answer.status_code == 202 and answer.json() == {"accepted": 100}
+    assert await asyncio.to_thread(ingest.proc.wait, 30) == 0
+    on_topic = [orjson.loads(r.value)["event_id"] for r in await read_topic(s, "events")]
+    assert sorted(on_topic) == sorted(["first", *(e["event_id"] for e in batch["events"])])
+
+
+async def test_sigterm_lets_a_prediction_in_flight_finish_and_flushes_the_prediction_log(
+    make_settings: Any, own_redis: embedded.Managed, log_dir: Path, services: list[Service]
+) -> None:
+    s: Settings = make_settings(redis={"url": f"redis://127.0.0.1:{own_redis.port}/0"})
+    await create_topics(s)
+    version = await register(s)
+    env = env_of(s, RTML_REDIS_SOCKET_TIMEOUT_S="60", RTML_MODEL_POLL_INTERVAL_S="3600")
+    serving = Service("serving", env, log_dir)
+    services.append(serving)
+    serving.wait_ready()
+    url = f"{serving.url}/v1/predict"
+    hold = {"X-Request-Timeout-Ms": "60000"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        answered = [await http.post(url, json={"entities": {"user_id": f"u{i}", "item_id": "t1"}}) for i in range(50)]
+        assert {r.status_code for r in answered} == {200}
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            held = asyncio.create_task(http.post(url, json={"entities": {"user_id": "held"}}, headers=hold))
+            assert serving.proc is not None
+            serving.proc.send_signal(signal.SIGTERM)
+            await stop_listening(serving)
+            assert not held.done()
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        last = await held
+    assert last.status_code == 200, last.text
+    body = last.json()
+    assert (body["model"], body["version"], body["degraded"]) == ("ctr", version, False)
+    assert await asyncio.to_thread(serving.proc.wait, 30) == 0
+    logged = [orjson.loads(r.value)["prediction_id"] for r in await read_topic(s, "predictions")]
+    assert sorted(logged) == sorted([r.json()["prediction_id"] for r in [*answered, last]])
+
+
+def unique_events(n: int, seed: int) -> list[Event]:
+    """``make_events`` without its deliberate duplicates: a record applied twice then shows as a duplicate."""
+    seen: dict[str, Event] = {}
+    for e in make_events(n, seed):
+        seen.setdefault(e.event_id, e)
+    return list(seen.values())
+
+
+async def test_sigterm_commits_the_features_offsets_nothing_applied_twice_or_skipped(
+    make_settings: Any, log_dir: Path, services: list[Service], tmp_path: Path
+) -> None:
+    config_path = tmp_path / "rtml.yaml"
+    config_path.write_text(CONFIG_YAML)
+    s: Settings = make_settings(config=config_path)
+    await create_topics(s)
+    config = load_config(config_path)
+    features = Service("features", env_of(s), log_dir)
+    services.append(features)
+    features.wait_ready()
+    events = unique_events(8_000, seed=5)
+    half = len(events) // 2
+    terminated = asyncio.Event()
+
+    async def terminate_mid_load(n: int) -> None:
+        if n == 10 and features.metric("rtml_consumer_records_total", consumer="features") > 0:
+            assert features.proc is not None
+            features.proc.send_signal(signal.SIGTERM)
+            terminated.set()
+
+    # the first half while it consumes, SIGTERM mid-way; the second half while it is down
+    await publish(s, events[:half], batch=200, pause=0.05,
+                  on_batch=lambda n: asyncio.ensure_future(terminate_mid_load(n)))  # fmt: skip
+    if not terminated.is_set():
+        await terminate_mid_load(10)
+    assert terminated.is_set()
+    assert await asyncio.to_thread(features.proc.wait, 30) == 0  # type: ignore[union-attr]
+    await publish(s, events[half:], batch=500, pause=0)
+    features.start()
+    await asyncio.to_thread(features.wait_ready)
+    await assert_converges(s, config, events, timeout=120)
+    # nothing the first process applied came again: it committed its offsets when it stopped
+    assert features.metric("rtml_features_events_duplicate_total") == 0
