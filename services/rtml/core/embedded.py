@@ -28,9 +28,14 @@ class EmbeddedError(RtmlError):
 
 
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
-    """``preferred`` when it is free, else a free ephemeral port."""
+    """``preferred`` when it is free, else a free ephemeral port.
+
+    Probed with SO_REUSEADDR, as the servers bind (redis-server, Tansu, uvicorn): a port whose last server just
+    stopped still has connections in TIME_WAIT, which block a plain bind but not the server's, so the port
+    is free for it (a server started again on its port must get the same one, not a silent other)."""
     if preferred is not None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, preferred))
                 return preferred
@@ -136,14 +141,25 @@ def start_broker(port: int | None = None, log_dir: Path | None = None) -> Manage
     return managed
 
 
-def start_redis(port: int | None = None, log_dir: Path | None = None) -> Managed:
-    """redis-server on 127.0.0.1 without persistence, on ``port`` or a free one."""
+def start_redis(port: int | None = None, log_dir: Path | None = None, *, data_dir: Path | None = None) -> Managed:
+    """redis-server on 127.0.0.1 on ``port`` or a free one. Without ``data_dir``: no persistence, in a temporary
+    directory removed on ``stop()``. With ``data_dir``: an append-only file there, fsynced before every reply
+    (``appendfsync always``, as a production Redis that must not lose an acknowledged write is run), so a
+    redis-server started again on the same directory has every write the previous one acknowledged; the
+    directory is the caller's and is kept."""
     port = free_port(port)
-    workdir = Path(tempfile.mkdtemp(prefix="rtml-redis-"))
+    if data_dir is None:
+        workdir: Path | None = Path(tempfile.mkdtemp(prefix="rtml-redis-"))
+        persistence = ["--appendonly", "no"]
+        directory = workdir
+    else:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        workdir, directory = None, data_dir
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"]
     log_path, out = _log_file("redis", log_dir)
     proc = subprocess.Popen(  # noqa: S603
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--protected-mode", "no"],
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
+         "--dir", str(directory), "--protected-mode", "no"],
         stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
     )  # fmt: skip
     if isinstance(out, int) and out > 2:

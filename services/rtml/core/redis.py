@@ -145,7 +145,8 @@ async def ping(client: Redis, timeout_s: float = 1.0) -> None:
     try:
         await asyncio.wait_for(client.ping(), timeout_s)
     except Exception as exc:
-        raise DependencyUnavailable("redis", f"Redis does not answer: {exc!r}") from exc
+        # str and type: redis-py's repr of its errors hides the message ("network:ConnectionError")
+        raise DependencyUnavailable("redis", f"Redis does not answer: {type(exc).__name__}: {exc}") from exc
 
 
 async def run_pipeline(client: Redis, build: Callable[[Pipeline], None], what: str) -> list[Any]:
