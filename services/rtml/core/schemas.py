@@ -8,6 +8,7 @@ set, ``ts`` always epoch milliseconds. Validation that needs the clock (future t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -23,10 +24,39 @@ from pydantic import (
 )
 
 SCHEMA_VERSION = "1"
+SCHEMA_HEADER = "rtml-schema"  # the record header that carries SCHEMA_VERSION (rtml.core.kafka sets it)
 _INT64 = 2**63
+MAX_ID = 256  # the longest id (event, user, item, prediction) any route or topic accepts
 
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
 PropertyValue = StrictBool | StrictInt | StrictFloat | StrictStr
+
+# What travels on the topics is validated again by every consumer (a record may come from anything that can
+# publish, not only from rtml's own validated HTTP routes): the same bounds as the HTTP schemas, checked by
+# pydantic-core itself (no Python validator on the hot path). ``allow_inf_nan=False`` on every topic model: a
+# NaN or infinity (which the JSON parser accepts as the literals NaN/Infinity) never reaches a feature, a
+# score, a label or the quality sums; such a record is dead-lettered by the consumer that decodes it.
+Int64 = Annotated[int, Field(ge=-_INT64, lt=_INT64)]
+_TOPIC = ConfigDict(allow_inf_nan=False)
+_PropertyKey = Annotated[str, Field(min_length=1, max_length=128)]
+_TopicId = Annotated[str, Field(max_length=MAX_ID)]  # an entity id (the planner skips empty ones)
+_TopicProperty = bool | Int64 | float | Annotated[str, Field(max_length=4096)]
+_SCHEMA_BYTES = SCHEMA_VERSION.encode()
+
+
+def schema_mismatch(headers: Iterable[tuple[str, bytes]] | None) -> str | None:
+    """Why a consumer cannot read a record, judging by its ``rtml-schema`` header; None when it can.
+
+    A record carrying another schema version than this code's is refused (it would be misread). A record
+    without the header is read (it comes from a producer that is not rtml's; its shape is validated anyway).
+    """
+    for name, value in headers or ():
+        if name == SCHEMA_HEADER:
+            if value == _SCHEMA_BYTES:
+                return None
+            shown = bytes(value or b"")[:64].decode("utf-8", "replace")
+            return f"unsupported {SCHEMA_HEADER} header {shown!r}: this consumer reads version {SCHEMA_VERSION!r}"
+    return None
 
 
 def parse_ts(value: object) -> int:
@@ -83,18 +113,18 @@ class EventIn(BaseModel):
 
 
 class Event(BaseModel):
-    """A normalised event as published on ``rtml.events``."""
+    """A normalised event as published on ``rtml.events``: within the bounds ``EventIn`` accepts."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    event_id: str
-    type: str
-    user_id: str | None = None
-    item_id: str | None = None
-    ts: int
-    received_at: int
-    source: str | None = None  # None: sent by a caller; "rule": derived by the model's label rule
-    properties: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    event_id: Id
+    type: Annotated[str, Field(min_length=1, max_length=128)]
+    user_id: _TopicId | None = None
+    item_id: _TopicId | None = None
+    ts: Int64
+    received_at: Int64
+    source: Annotated[str, Field(max_length=64)] | None = None  # None: sent by a caller; "rule": a label rule's
+    properties: dict[_PropertyKey, _TopicProperty] = Field(default_factory=dict, max_length=128)
 
     def field(self, path: str) -> Any:
         """Value at a dotted path such as ``properties.amount`` or ``item_id``; None when absent."""
@@ -106,14 +136,16 @@ class Event(BaseModel):
 class PredictionLogged(BaseModel):
     """One prediction on ``rtml.predictions``, with the exact feature values the model saw."""
 
-    prediction_id: str
+    model_config = _TOPIC
+
+    prediction_id: Id
     model: str
     version: str
     entities: dict[str, str]
     features: dict[str, float | None]
     score: float
     degraded: bool
-    ts: int
+    ts: Int64
     item_id: str | None = None
     # scores of the same inputs by versions that did not answer (a candidate in shadow or canary, a guard)
     shadow: dict[str, float] = Field(default_factory=dict)
@@ -147,25 +179,29 @@ class OutcomeIn(BaseModel):
 class Outcome(BaseModel):
     """An outcome on ``rtml.outcomes``."""
 
-    prediction_id: str
+    model_config = _TOPIC
+
+    prediction_id: Id
     label: float
     item_id: str | None = None
-    ts: int
-    received_at: int
+    ts: Int64
+    received_at: Int64
     source: str | None = None  # None: sent by a caller; "rule": derived by the model's label rule
 
 
 class Example(BaseModel):
     """A prediction joined with its label, on ``rtml.examples``: tomorrow's training row."""
 
-    prediction_id: str
+    model_config = _TOPIC
+
+    prediction_id: Id
     model: str
     version: str
     entities: dict[str, str]
     features: dict[str, float | None]
     score: float
     label: float
-    predicted_at: int
-    labelled_at: int
+    predicted_at: Int64
+    labelled_at: Int64
     item_id: str | None = None
     shadow: dict[str, float] = Field(default_factory=dict)  # version -> score, see PredictionLogged.shadow

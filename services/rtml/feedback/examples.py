@@ -59,7 +59,7 @@ from pydantic import ValidationError
 from rtml.core import metrics
 from rtml.core.errors import DependencyUnavailable, InvalidInput, UnprocessableRecord
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer, client_options
-from rtml.core.schemas import Example
+from rtml.core.schemas import Example, schema_mismatch
 from rtml.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,9 @@ def decode_example(record: ConsumerRecord) -> Example:
     """An ``Example`` from an ``examples`` record, else ``UnprocessableRecord`` naming what is wrong."""
     if record.value is None:
         raise UnprocessableRecord("empty record value")
+    mismatch = schema_mismatch(record.headers)
+    if mismatch is not None:
+        raise UnprocessableRecord(mismatch)
     try:
         return Example.model_validate_json(bytes(record.value))
     except ValidationError as exc:

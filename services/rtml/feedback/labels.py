@@ -35,7 +35,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from aiokafka import ConsumerRecord
@@ -44,7 +44,7 @@ from rtml.core import metrics
 from rtml.core.config import LabelRule, PlatformConfig
 from rtml.core.kafka import Consumed, Producer, encode
 from rtml.core.redis import Call, Keys, Redis, Scripts, script_source, text
-from rtml.core.schemas import Outcome
+from rtml.core.schemas import MAX_ID, Outcome, schema_mismatch
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 
@@ -120,6 +120,11 @@ class EventSeen:
 
 
 Seen = PredictionSeen | EventSeen | None
+
+
+def _epoch_ms(ts: Any) -> TypeGuard[int]:
+    """Whether ``ts`` is a time the topics carry: an int in int64 (what ``Event``/``PredictionLogged`` accept)."""
+    return isinstance(ts, int) and not isinstance(ts, bool) and -(2**63) <= ts < 2**63
 
 
 def field_of(prediction_id: str, item_id: str | None) -> str:
@@ -200,7 +205,7 @@ class LabelRules:
     # -- the consumer ------------------------------------------------------------------------------------
     def decode(self, record: ConsumerRecord) -> Seen:
         """What a record means for the rules; None for anything no rule cares about or cannot read."""
-        if record.value is None:
+        if record.value is None or schema_mismatch(record.headers) is not None:
             return None
         try:
             doc = orjson.loads(record.value)
@@ -217,7 +222,9 @@ class LabelRules:
         pid, ts, entities, item = doc.get("prediction_id"), doc.get("ts"), doc.get("entities"), doc.get("item_id")
         if rule is None or not isinstance(pid, str) or not pid or "|" in pid or not isinstance(entities, dict):
             return None
-        if not isinstance(ts, int) or isinstance(ts, bool) or not (item is None or isinstance(item, str)):
+        if len(pid) > MAX_ID:  # not a prediction (the join dead-letters it): its label could not be published
+            return None
+        if not _epoch_ms(ts) or not (item is None or isinstance(item, str)):
             return None
         pair = rule.pair_of_prediction(entities)
         if pair is None:
@@ -228,7 +235,7 @@ class LabelRules:
     def _event(self, doc: dict[str, Any]) -> EventSeen | None:
         rules = self._by_event_type.get(doc.get("type"))  # type: ignore[arg-type]
         event_id, ts = doc.get("event_id"), doc.get("ts")
-        if not rules or not isinstance(event_id, str) or not isinstance(ts, int) or isinstance(ts, bool):
+        if not rules or not isinstance(event_id, str) or not _epoch_ms(ts):
             return None
         matches = tuple((r, pair) for r in rules if (pair := r.pair_of_event(doc)) is not None)
         return EventSeen(matches, event_id, ts) if matches else None

@@ -37,9 +37,17 @@ from typing import Any
 import orjson
 
 from rtml.core.config import PlatformConfig, load_config
-from rtml.core.errors import DependencyUnavailable, InvalidInput, NotFound, PayloadTooLarge, RtmlError
+from rtml.core.errors import (
+    DependencyUnavailable,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    RtmlError,
+    UnprocessableRecord,
+)
 from rtml.core.kafka import Producer
 from rtml.core.redis import Keys, Redis, connect, guarded, run_pipeline, text
+from rtml.core.schemas import schema_mismatch
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.serving.inference.session import build_model
@@ -256,6 +264,34 @@ def canary_point(rollout_id: str, key: str) -> float:
     """
     digest = hashlib.blake2b(f"{rollout_id}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / _BLAKE_MAX
+
+
+ANNOUNCEMENTS = frozenset({"promoted", "rolled_back", "rollout_started", "rollout_stage", "rollout_ended"})
+
+
+def decode_announcement(record: Any) -> dict[str, Any]:
+    """A record of the ``models`` topic as ``ModelRegistry._announce`` writes it (a JSON object with ``model``,
+    ``version`` and a known ``event``), else ``UnprocessableRecord`` naming what is wrong: the consumer loop
+    dead-letters it with that reason. ``record`` is an aiokafka ``ConsumerRecord``."""
+    if record.value is None:
+        raise UnprocessableRecord("empty record value")
+    mismatch = schema_mismatch(record.headers)
+    if mismatch is not None:
+        raise UnprocessableRecord(mismatch)
+    try:
+        doc = orjson.loads(record.value)
+    except orjson.JSONDecodeError as exc:
+        raise UnprocessableRecord(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UnprocessableRecord(f"not a model announcement: a JSON {type(doc).__name__}, not an object")
+    name, version, event = doc.get("model"), doc.get("version"), doc.get("event")
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise UnprocessableRecord(f"not a model announcement: model {str(name)[:80]!r} is not a model name")
+    if not isinstance(version, str) or not version:
+        raise UnprocessableRecord(f"not a model announcement: version {str(version)[:80]!r} is not a version")
+    if event not in ANNOUNCEMENTS:
+        raise UnprocessableRecord(f"not a model announcement: event {str(event)[:80]!r}; one of {sorted(ANNOUNCEMENTS)}")
+    return doc
 
 
 def _check_stage(stage: str, share: float) -> float:
