@@ -290,7 +290,9 @@ def decode_announcement(record: Any) -> dict[str, Any]:
     if not isinstance(version, str) or not version:
         raise UnprocessableRecord(f"not a model announcement: version {str(version)[:80]!r} is not a version")
     if event not in ANNOUNCEMENTS:
-        raise UnprocessableRecord(f"not a model announcement: event {str(event)[:80]!r}; one of {sorted(ANNOUNCEMENTS)}")
+        raise UnprocessableRecord(
+            f"not a model announcement: event {str(event)[:80]!r} is not one of {sorted(ANNOUNCEMENTS)}"
+        )
     return doc
 
 
