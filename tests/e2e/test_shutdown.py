@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,128 @@ async def test_sigterm_commits_the_features_offsets_nothing_applied_twice_or_ski
     await assert_converges(s, config, events, timeout=120)
     # nothing the first process applied came again: it committed its offsets when it stopped
     assert features.metric("rtml_features_events_duplicate_total") == 0
+
+
+PATIENT = {"X-Request-Timeout-Ms": "5000"}
+
+
+class Load:
+    """Steady load on the four services while they restart one by one, recording only what was acknowledged:
+    events (202, retried with the same event_ids until then), predictions (200) and outcomes (202)."""
+
+    def __init__(self, urls: dict[str, str]) -> None:
+        self.urls = urls
+        self.stopping = False
+        self.events: list[Event] = []
+        self.predictions: list[dict[str, Any]] = []
+        self.outcomes: list[str] = []
+        self.statuses: dict[str, dict[int, int]] = {"events": {}, "predict": {}, "outcomes": {}}
+
+    def _count(self, route: str, status: int) -> None:
+        self.statuses[route][status] = self.statuses[route].get(status, 0) + 1
+
+    async def _until_accepted(self, http: httpx.AsyncClient, route: str, url: str, body: Any) -> httpx.Response:
+        """POST until the service answers 2xx: a refused connection (restarting) or a 503 is retried."""
+        while True:
+            try:
+                r = await http.post(url, json=body)
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+                continue
+            self._count(route, r.status_code)
+            if r.status_code < 300:
+                return r
+            assert r.status_code == 503, (route, r.status_code, r.text)
+            await asyncio.sleep(0.05)
+
+    async def events_loop(self, http: httpx.AsyncClient) -> None:
+        k = 0
+        while not self.stopping:
+            now = int(time.time() * 1000)
+            batch = [
+                Event(event_id=f"rr-{k}-{j}", type=("view", "view", "click", "purchase")[(k + j) % 4],
+                      user_id=f"ru{(k * 7 + j) % 30}", item_id=f"rt{(k + j) % 20}", ts=now - j, received_at=now,
+                      properties={"amount": float(1 + (k + j) % 50)} if (k + j) % 4 == 3 else {})
+                for j in range(20)
+            ]  # fmt: skip
+            body = {"events": [e.model_dump(exclude={"received_at", "source"}) for e in batch]}
+            r = await self._until_accepted(http, "events", f"{self.urls['ingest']}/v1/events", body)
+            assert r.json() == {"accepted": len(batch)}
+            self.events += batch
+            k += 1
+            await asyncio.sleep(0.05)
+
+    async def predict_loop(self, http: httpx.AsyncClient) -> None:
+        k = 0
+        while not self.stopping:
+            body = {"entities": {"user_id": f"ru{k % 30}", "item_id": f"rt{k % 20}"}}
+            try:
+                # a budget that a busy box's Redis read fits in: degraded would mean the store failed
+                r = await http.post(f"{self.urls['serving']}/v1/predict", json=body, headers=PATIENT)
+            except httpx.TransportError:  # restarting: not an answer
+                await asyncio.sleep(0.05)
+                continue
+            self._count("predict", r.status_code)
+            if r.status_code == 200:
+                self.predictions.append(r.json())
+                if k % 2 == 0:  # half of them get an outcome
+                    outcome = {"prediction_id": r.json()["prediction_id"], "label": k % 4 // 2}
+                    await self._until_accepted(http, "outcomes", f"{self.urls['feedback']}/v1/outcomes", outcome)
+                    self.outcomes.append(outcome["prediction_id"])
+            k += 1
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.slow
+async def test_a_rolling_restart_of_every_service_under_load_loses_nothing(
+    make_settings: Any, log_dir: Path, services: list[Service]
+) -> None:
+    s: Settings = make_settings()
+    await create_topics(s)
+    version = await register(s)
+    env = env_of(s, RTML_MODEL_POLL_INTERVAL_S="1")
+    order = ("ingest", "features", "serving", "feedback")
+    services += [Service(name, env, log_dir) for name in order]
+    await asyncio.gather(*(asyncio.to_thread(svc.wait_ready) for svc in services))
+    load = Load({svc.name: svc.url for svc in services})
+    async with httpx.AsyncClient(timeout=60) as http:
+        tasks = [asyncio.create_task(load.events_loop(http)), asyncio.create_task(load.predict_loop(http))]
+
+        async def progressed(since: tuple[int, int]) -> None:
+            for t in tasks:
+                if t.done():
+                    t.result()  # a failed load loop fails the test now
+            assert len(load.events) >= since[0] + 100 and len(load.predictions) >= since[1] + 10
+
+        try:
+            await eventually(lambda: progressed((0, 0)), timeout=60)
+            for svc in services:  # one at a time: SIGTERM, wait for the exit, start again, wait until ready
+                assert await asyncio.to_thread(svc.terminate) == 0, svc.tail()
+                svc.start()
+                await asyncio.to_thread(svc.wait_ready)
+                mark = (len(load.events), len(load.predictions))
+                await eventually(lambda mark=mark: progressed(mark), timeout=60)  # type: ignore[misc]
+        finally:
+            load.stopping = True
+            await asyncio.gather(*tasks)
+
+    # every acknowledged event is in the features exactly once: each value equals the reference
+    assert len(load.events) >= 500
+    await assert_converges(s, load_config(s.platform_config_path()), load.events, timeout=120)
+    # every answered prediction is valid, and is on the predictions topic (the log survived serving's restart)
+    for p in load.predictions:
+        assert (p["model"], p["version"], p["degraded"]) == ("ctr", version, False), p
+        assert 0.0 <= p["score"] <= 1.0
+    logged = {orjson.loads(r.value)["prediction_id"] for r in await read_topic(s, "predictions")}
+    assert {p["prediction_id"] for p in load.predictions} <= logged
+    # every acknowledged outcome is joined into an example (feedback's consumers lost nothing)
+    wanted = set(load.outcomes)
+    assert wanted
+
+    async def all_joined() -> None:
+        joined = {orjson.loads(r.value)["prediction_id"] for r in await read_topic(s, "examples")}
+        missing = wanted - joined
+        assert not missing, f"{len(missing)} of {len(wanted)} outcomes not joined, e.g. {sorted(missing)[:3]}"
+
+    await eventually(all_joined, timeout=90, every=1)
+    assert set(load.statuses["predict"]) <= {200, 503}, load.statuses
