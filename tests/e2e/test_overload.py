@@ -71,12 +71,12 @@ async def overload(service: Service, requests: list[bytes], ok: int) -> tuple[fl
     a while. (capacity req/s, overload answers, RSS after warm-up, RSS after the overload)."""
     pool = Pool("127.0.0.1", service.port)
     try:
-        await closed_loop(pool, requests, concurrency=LIMIT, duration_s=1.5)  # warm-up
+        await closed_loop(pool, requests, concurrency=LIMIT, duration_s=1.0)  # warm-up
         rss_warm = service.rss_bytes()
-        answers, elapsed = await closed_loop(pool, requests, concurrency=LIMIT, duration_s=3.0)
+        answers, elapsed = await closed_loop(pool, requests, concurrency=LIMIT, duration_s=2.5)
         capacity = sum(1 for a in answers if a.status == ok) / elapsed
         assert capacity > 0, f"nothing admitted in the capacity phase: {service.tail()}"
-        loaded = await open_loop(pool, requests, rate=2 * capacity, duration_s=6.0, timeout_s=60)
+        loaded = await open_loop(pool, requests, rate=2 * capacity, duration_s=5.0, timeout_s=60)
         rss_after = service.rss_bytes()
     finally:
         await pool.close()

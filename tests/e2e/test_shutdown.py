@@ -163,6 +163,7 @@ def unique_events(n: int, seed: int) -> list[Event]:
     return list(seen.values())
 
 
+@pytest.mark.slow
 async def test_sigterm_commits_the_features_offsets_nothing_applied_twice_or_skipped(
     make_settings: Any, log_dir: Path, services: list[Service], tmp_path: Path
 ) -> None:
@@ -174,7 +175,7 @@ async def test_sigterm_commits_the_features_offsets_nothing_applied_twice_or_ski
     features = Service("features", env_of(s), log_dir)
     services.append(features)
     features.wait_ready()
-    events = unique_events(8_000, seed=5)
+    events = unique_events(6_000, seed=5)
     half = len(events) // 2
     terminated = asyncio.Event()
 
