@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import httpx
@@ -258,6 +259,8 @@ class Load:
     predictions: list[Prediction] = field(default_factory=list)
     predict_status: Counter[int] = field(default_factory=Counter)
     serving_unreachable: int = 0
+    predict_seconds: list[float] = field(default_factory=list)
+    predict_unanswered: int = 0  # requests sent whose connection broke before the answer
     outcomes: asyncio.Queue[tuple[str, float]] = field(default_factory=asyncio.Queue)
     outcomes_acked: dict[str, float] = field(default_factory=dict)
     outcome_status: Counter[int] = field(default_factory=Counter)
@@ -318,16 +321,20 @@ class Load:
             generation, redis_down = self.serving_generation, self.redis_down
             body = {"model": "ctr", "entities": {"user_id": f"u{self.rng.randrange(USERS)}",
                                                  "item_id": f"t{self.rng.randrange(ITEMS)}"}}  # fmt: skip
+            sent = time.perf_counter()
             try:
                 resp = await client.post(f"{self.serving}/v1/predict", json=body, timeout=HANG_S)
             except httpx.TimeoutException:
                 self.hangs.append(f"serving did not answer within {HANG_S} s")
                 continue
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 self.serving_unreachable += 1  # SIGKILLed, not started again yet
+                if not isinstance(exc, httpx.ConnectError):
+                    self.predict_unanswered += 1  # it had the request when it was killed
                 await asyncio.sleep(0.2)
                 continue
             self.predict_status[resp.status_code] += 1
+            self.predict_seconds.append(time.perf_counter() - sent)
             if resp.status_code == 200:
                 out = resp.json()
                 self.predictions.append(Prediction(out["prediction_id"], generation, out["degraded"], redis_down))
@@ -514,8 +521,8 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 outcomes_then = len(load.outcomes_acked)
 
                 async def restarted_in_use() -> None:
-                    assert len(load.predictions) >= predicted + 300, (len(load.predictions), predicted)
-                    assert len(load.outcomes_acked) >= outcomes_then + 100
+                    assert len(load.predictions) >= predicted + 100, (len(load.predictions), predicted)
+                    assert len(load.outcomes_acked) >= outcomes_then + 30
 
                 await eventually(restarted_in_use, timeout=READY_S, every=0.2)
                 mark("serving and feedback killed and back")
@@ -550,7 +557,9 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                     return logged
 
                 logged = await eventually(logged_by_survivor, timeout=READY_S, every=0.5)
-                assert logged <= set(answered)  # nothing logged that was not answered
+                # nothing logged that was not asked for: a logged prediction the client has no answer of is one
+                # whose connection broke (the request in flight when serving was SIGKILLed)
+                assert len(logged - set(answered)) <= load.predict_unanswered, logged - set(answered)
                 want = {pid: label for pid, label in load.outcomes_acked.items() if pid in logged}
 
                 async def joined() -> None:
@@ -567,9 +576,12 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 assert {pid: rows[0]["label"] for pid, rows in by_id.items()} == want
             mark("joined")
             lost_at_kill = sum(1 for p in load.predictions if p.generation == 0 and p.prediction_id not in logged)
-            print(f"\nfaults: {len(load.acked)} events acknowledged ({load.ingest_status}), {len(answered)} "
-                  f"predictions ({sum(p.degraded for p in load.predictions)} degraded, {lost_at_kill} lost in the "
-                  f"serving SIGKILL), {len(want)} examples joined; timings {timings}")  # fmt: skip
+            print(f"\nfaults: {len(load.acked)} events acknowledged (ingest {dict(load.ingest_status)}), "
+                  f"{len(answered)} predictions (serving {dict(load.predict_status)}, "
+                  f"{sum(p.degraded for p in load.predictions)} degraded, unreachable {load.serving_unreachable}, "
+                  f"{lost_at_kill} lost in the serving SIGKILL, median {median(load.predict_seconds):.3f} s), "
+                  f"CPU of this test process {time.process_time():.0f} s, {len(want)} examples joined (feedback "
+                  f"{dict(load.outcome_status)}); timings {timings}")  # fmt: skip
     finally:
         for s in services.values():
             s.stop()

@@ -42,6 +42,7 @@ TOPICS = ("events", "predictions", "outcomes", "examples", "models", "deadletter
 SCHEMA_HEADER = "rtml-schema"
 REASON_HEADER = "rtml-reason"
 Headers = list[tuple[str, bytes]]
+_Entry = tuple[list[tuple[bytes | None, bytes]], Headers, "asyncio.Future[None]"]  # records queued by one caller
 
 
 def client_options(k: KafkaSettings) -> dict[str, Any]:
@@ -111,7 +112,7 @@ class Producer:
         # topic -> (partition count, key -> partition): murmur2 is pure Python in aiokafka (~1.5 us a key)
         self._partition_cache: dict[str, tuple[int, dict[bytes, int]]] = {}
         # (topic, partition) -> records waiting for the flusher (bounded by the callers waiting on them)
-        self._queued: dict[tuple[str, int], list[tuple[list[tuple[bytes | None, bytes]], Headers, Any]]] = {}
+        self._queued: dict[tuple[str, int], list[_Entry]] = {}
         self._flushers: dict[tuple[str, int], asyncio.Task[None]] = {}
 
     async def start(self) -> None:
@@ -158,21 +159,41 @@ class Producer:
         hdrs = [(SCHEMA_HEADER, SCHEMA_VERSION.encode()), *(headers or [])]
         loop = asyncio.get_running_loop()
         started = loop.time()
+        queued: list[tuple[tuple[str, int], _Entry]] = []
+        acked = False
         try:
             waits = []
             for partition, recs in (await self._by_partition(full, records)).items():
                 done: asyncio.Future[None] = loop.create_future()
-                self._queued.setdefault((full, partition), []).append((recs, hdrs, done))
+                entry: _Entry = (recs, hdrs, done)
+                self._queued.setdefault((full, partition), []).append(entry)
+                queued.append(((full, partition), entry))
                 if (full, partition) not in self._flushers:
                     self._flushers[(full, partition)] = asyncio.create_task(self._flush(full, partition))
                 waits.append(done)
             if waits:
                 await asyncio.wait_for(asyncio.gather(*waits), timeout=self._settings.kafka.publish_timeout_s)
+            acked = True
         except (KafkaError, TimeoutError) as exc:
             metrics.KAFKA_PUBLISH_ERRORS.labels(topic=topic).inc()
             raise DependencyUnavailable("kafka", f"Kafka did not acknowledge the publish: {exc!r}") from exc
+        finally:
+            if not acked:  # timed out, failed or cancelled: what no flusher took yet is never sent
+                self._withdraw(queued)
         metrics.KAFKA_PUBLISH_SECONDS.labels(topic=topic).observe(loop.time() - started)
         metrics.KAFKA_PUBLISHED.labels(topic=topic).inc(len(records))
+
+    def _withdraw(self, queued: list[tuple[tuple[str, int], _Entry]]) -> None:
+        """Take a failed caller's records out of the queues (by identity: a client's retry of the same records
+        may be queued too). Without this, records of callers that gave up during a broker outage would pile up
+        (every retry adds a copy) and all go out once it is back: the queue would grow with the outage."""
+        for tp, entry in queued:
+            waiting = self._queued.get(tp)
+            if waiting:
+                for i, other in enumerate(waiting):
+                    if other is entry:
+                        del waiting[i]
+                        break
 
     async def _flush(self, topic: str, partition: int) -> None:
         """Send what callers queued for one partition, as few batches as fit, until the queue is empty.
@@ -180,7 +201,7 @@ class Producer:
         aiokafka keeps one open batch per partition and makes ``send_batch`` wait until the previous one was
         taken for sending; records queued meanwhile go out together in the next round."""
         tp = (topic, partition)
-        entries: list[tuple[list[tuple[bytes | None, bytes]], Headers, Any]] = []
+        entries: list[_Entry] = []
         try:
             while self._queued.get(tp):
                 entries = self._queued.pop(tp)
@@ -198,12 +219,12 @@ class Producer:
         finally:
             del self._flushers[tp]
 
-    async def _send_batches(
-        self, topic: str, partition: int, entries: list[tuple[list[tuple[bytes | None, bytes]], Headers, Any]]
-    ) -> asyncio.Future[Any]:
+    async def _send_batches(self, topic: str, partition: int, entries: list[_Entry]) -> asyncio.Future[Any]:
         futures = []
         batch = self._producer.create_batch()
-        for recs, hdrs, _ in entries:
+        for recs, hdrs, done in entries:
+            if done.done():  # its caller gave up (timeout) while the flusher held it: not sent
+                continue
             for key, value in recs:
                 if batch.append(key=key, value=value, timestamp=None, headers=hdrs) is None:
                     batch.close()
@@ -212,7 +233,8 @@ class Producer:
                     if batch.append(key=key, value=value, timestamp=None, headers=hdrs) is None:
                         raise MessageSizeTooLargeError(f"a record of {len(value)} bytes exceeds the batch size")
         batch.close()
-        futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+        if batch.record_count():  # none at all when every caller gave up: nothing to send
+            futures.append(await self._producer.send_batch(batch, topic, partition=partition))
         return asyncio.gather(*futures)
 
     async def _by_partition(
