@@ -112,8 +112,8 @@ class Settings(BaseSettings):
     # ingest admission, per process: POST /v1/events requests in flight (reading, validating or waiting for
     # the broker's acks); one more is refused at once (503 overloaded + Retry-After), before its body is read.
     ingest_max_in_flight: int = Field(default=64, ge=1)
-    # ... and events waiting for the broker's acks: a request whose events would take more is refused the same
-    # way (one request is always admitted when nothing is pending, whatever its size).
+    # ingest admission, per process: events waiting for the broker's acks; a request whose events would take
+    # more is refused the same way (one request is always admitted when nothing is pending, whatever its size).
     ingest_max_pending_events: int = Field(default=200_000, ge=1)
     # feedback: how long a prediction waits for its outcome (and an outcome for its prediction)
     join_ttl: Duration = 3600 * 1000
