@@ -18,9 +18,11 @@ import orjson
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
+from fastapi.routing import iter_route_contexts
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtml import __version__
@@ -200,7 +202,11 @@ def build_app(
         if exc.status_code == 400 and (refused := auth_refusal(request)) is not None:
             return refused  # a body FastAPI could not parse, sent without the right key
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONBytes({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+        headers = exc.headers
+        if exc.status_code == 405:  # RFC 9110: a 405 names every method of the path, not only the first route's
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return JSONBytes({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                         headers=headers)  # fmt: skip
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONBytes:
@@ -234,6 +240,14 @@ def build_app(
         # Several workers (multiprocess mode): whichever worker answers merges the files of all of them.
         return PlainTextResponse(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = base_openapi()  # FastAPI's, cached until a route is added
+        document_errors(schema)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, overrides=body_limits)
     app.add_middleware(MetricsMiddleware, service=service)
     return app
@@ -249,30 +263,91 @@ API_KEY_SCHEME = HTTPBearer(
 )
 
 
-class Require:
-    """The dependency ``require`` declares: checks the caller's key for ``scope``. A class (not a closure) so
-    ``route_scope`` can tell which scope a route needs."""
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"description": "what was wrong, e.g. each bad field of a 422"},
+            },
+        }
+    },
+}
+_ERRORS: dict[str, str] = {
+    "400": "the request cannot be read (e.g. a body that is not JSON, a bad header value)",
+    "401": "RTML_API_KEYS is set and the request has no known key (Authorization: Bearer KEY)",
+    "403": "the key lacks the scope this operation needs",
+    "404": "an unknown model, version or other resource",
+    "413": "the body is over the size limit",
+    "422": "the request does not validate; details names each bad field",
+    "503": "a dependency (broker or Redis) is unavailable, or too many requests are in flight: retry after "
+    "Retry-After seconds",
+}
+_HEADERS: dict[str, dict[str, Any]] = {
+    "401": {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
+    "503": {"Retry-After": {"schema": {"type": "string"}, "required": True}},
+}
 
-    __slots__ = ("scope",)
 
-    def __init__(self, scope: AuthScope) -> None:
-        self.scope: AuthScope = scope
+def document_errors(schema: dict[str, Any]) -> None:
+    """Add the contract's errors to every ``/v1`` operation of an OpenAPI document (idempotent): the JSON
+    ``{"error": {"code", "message"}}`` shape of each 4xx/503 the operation can answer (401/403 where it
+    needs a key, 400/413 where it takes a body), instead of FastAPI's own 422 shape, which rtml never sends."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith("/v1"):
+            continue
+        for operation in operations.values():
+            codes = ["404", "422", "503"]
+            if operation.get("security"):
+                codes += ["401", "403"]
+            if "requestBody" in operation:
+                codes += ["400", "413"]
+            responses = operation.setdefault("responses", {})
+            for code in sorted(codes):
+                entry = responses.setdefault(code, {"description": _ERRORS[code]})
+                described = entry.get("content", {}).get("application/json", {}).get("schema", {})
+                if not described or "HTTPValidationError" in str(described.get("$ref", "")):
+                    entry["content"] = content
+                if code in _HEADERS:
+                    entry.setdefault("headers", {}).update(_HEADERS[code])
 
-    def __call__(self, request: Request, _: Annotated[Any, Depends(API_KEY_SCHEME)]) -> None:
-        request.app.state.api_keys.check(request.headers.get("authorization"), self.scope)
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` value for the request's path: the methods of every route that matches it (FastAPI has
+    one route per method, and its 405 lists only the first one's)."""
+    methods: set[str] = set()
+    for ctx in iter_route_contexts(request.app.routes):
+        match, _ = ctx.matches(request.scope)
+        if match != Match.NONE:
+            methods |= ctx.methods or set()
+    return ", ".join(sorted(methods))
 
 
 def require(scope: AuthScope) -> Any:
-    """Route dependency: the caller's API key must carry ``scope`` (when RTML_API_KEYS is set)."""
-    return Security(Require(scope), scopes=[scope])
+    """Route dependency: the caller's API key must carry ``scope`` (when RTML_API_KEYS is set). The check
+    carries its scope as ``required_scope``, which ``route_scope`` reads."""
+
+    def check(request: Request, _: Annotated[Any, Depends(API_KEY_SCHEME)]) -> None:
+        request.app.state.api_keys.check(request.headers.get("authorization"), scope)
+
+    check.required_scope = scope  # type: ignore[attr-defined]
+    return Security(check, scopes=[scope])
 
 
 def route_scope(route: Any) -> AuthScope | None:
     """The scope a route declared with ``require`` (None: an open route, or not an API route)."""
     dependant = getattr(route, "dependant", None)
     for dep in dependant.dependencies if dependant is not None else ():
-        if isinstance(dep.call, Require):
-            return dep.call.scope
+        scope: AuthScope | None = getattr(dep.call, "required_scope", None)
+        if scope is not None:
+            return scope
     return None
 
 

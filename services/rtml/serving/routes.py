@@ -7,7 +7,7 @@ import math
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from rtml.core.app import JSONBytes, require
@@ -16,11 +16,13 @@ from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.kafka import Producer
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.predict import Predictor
-from rtml.serving.registry import ModelRegistry
+from rtml.serving.registry import MODEL_NAME, ModelRegistry
 
 router = APIRouter(prefix="/v1", tags=["serving"])
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
+# The registry's rule for model names, published in the OpenAPI document (a name outside it is a 422 either way)
+ModelName = Annotated[str, Path(pattern=MODEL_NAME.pattern, description="letters, digits, '_', '.', '-' (at most 64)")]
 EntityValue = Annotated[StrictStr | StrictInt, Field()]
 FeatureInput = StrictFloat | StrictInt | None
 
@@ -84,7 +86,8 @@ class RolloutRequest(BaseModel):
 
     version: Annotated[str, Field(min_length=1, max_length=32)] | StrictInt
     stage: Literal["shadow", "canary"] = "shadow"
-    share: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=1.0)] = 0.0
+    # strict: a number (an int too), never a string or a bool; as one type so the bounds reach the schema
+    share: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] = 0.0
     replace: bool = False
 
 
@@ -151,10 +154,19 @@ def _serving_rollout(live: LiveModels, name: str) -> dict[str, Any] | None:
     return {"version": served.other.version, "stage": served.stage, "share": served.share, "id": served.rollout_id}
 
 
-@router.post("/models/{name}/versions", status_code=201, dependencies=[require("admin")])
+_ONNX_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "the ONNX model's bytes",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post("/models/{name}/versions", status_code=201, dependencies=[require("admin")], openapi_extra=_ONNX_BODY)
 async def upload_version(
     request: Request,
-    name: str,
+    name: ModelName,
     metadata: Annotated[str | None, Query(description='JSON object, e.g. {"features": ["a", "b"]}')] = None,
     promote: Annotated[bool, Query(description="also make it live")] = False,
 ) -> Any:
@@ -204,7 +216,7 @@ async def _promote(request: Request, name: str, version: str) -> None:
 
 
 @router.post("/models/{name}/promote", dependencies=[require("admin")])
-async def promote(request: Request, name: str, body: PromoteRequest) -> Any:
+async def promote(request: Request, name: ModelName, body: PromoteRequest) -> Any:
     """Make ``version`` live: every replica serves it within one poll interval (this one at once)."""
     version = str(body.version)
     await _promote(request, name, version)
@@ -212,7 +224,7 @@ async def promote(request: Request, name: str, body: PromoteRequest) -> Any:
 
 
 @router.post("/models/{name}/rollback", dependencies=[require("admin")])
-async def rollback(request: Request, name: str) -> Any:
+async def rollback(request: Request, name: ModelName) -> Any:
     """Make the previously live version live again (404 when there is none); announced like a promotion."""
     producer: Producer = request.app.state.producer
     version = await _registry(request).rollback(name, producer, by=_caller(request))
@@ -228,7 +240,7 @@ async def _known(request: Request, name: str) -> None:
 
 
 @router.get("/models/{name}/rollout", dependencies=[require("read")])
-async def get_rollout(request: Request, name: str) -> Any:
+async def get_rollout(request: Request, name: ModelName) -> Any:
     """The model's running rollout (``{"rollout": null}`` when none): the candidate (stage ``shadow`` or
     ``canary``, with the canary ``share`` of users) or the guard (the previous live version, kept in shadow
     after a promotion), its ``id``, ``since`` (epoch ms) and ``by``; and what this replica serves of it."""
@@ -239,8 +251,12 @@ async def get_rollout(request: Request, name: str) -> Any:
                       "serving": _serving_rollout(live, name)})  # fmt: skip
 
 
-@router.post("/models/{name}/rollout", dependencies=[require("admin")])
-async def start_rollout(request: Request, name: str, body: RolloutRequest) -> Any:
+@router.post(
+    "/models/{name}/rollout",
+    dependencies=[require("admin")],
+    responses={409: {"description": "another rollout runs, or the model has no live version"}},
+)
+async def start_rollout(request: Request, name: ModelName, body: RolloutRequest) -> Any:
     """Put a candidate version in ``shadow`` (scored and logged, never returned) or ``canary`` (answers
     ``share`` of users, sticky per user). The same candidate again changes its stage and share (same id).
     404 unknown version; 422 the live version, or a share with stage shadow; 409 another rollout runs (send
@@ -256,7 +272,7 @@ async def start_rollout(request: Request, name: str, body: RolloutRequest) -> An
 
 
 @router.delete("/models/{name}/rollout", dependencies=[require("admin")])
-async def end_rollout(request: Request, name: str) -> Any:
+async def end_rollout(request: Request, name: ModelName) -> Any:
     """End the running rollout (the live version does not change); 404 when none runs."""
     producer: Producer = request.app.state.producer
     ended = await _registry(request).end_rollout(name, None, _caller(request), producer)
