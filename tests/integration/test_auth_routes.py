@@ -19,7 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,7 +41,7 @@ from rtml.core.embedded import free_port
 from rtml.core.errors import ConfigError
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
-from tests.helpers import running
+from tests.helpers import eventually, running
 
 pytestmark = pytest.mark.integration
 
@@ -340,6 +345,72 @@ async def test_no_key_appears_in_logs_output_or_error_bodies(
     everything = [caplog.text, out, err]
     everything += [f"{r.name} {r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records]
     everything += [f"{r.status_code} {r.headers!r} {r.text}" for r in responses]
+    for key in [*KEYS, UNKNOWN_KEY]:
+        leaks = [text[max(0, text.find(key) - 200) : text.find(key) + 50] for text in everything if key in text]
+        assert not leaks, f"key {key[:6]}... found in: {leaks[:3]}"
+
+
+async def test_no_key_in_the_output_of_a_real_serving_process(make_settings: Any, tmp_path: Path) -> None:
+    """``rtml serve serving`` as its own process with RTML_API_KEYS in its environment and RTML_LOG_LEVEL=DEBUG,
+    driven through 401, 403, 200, 201 and 422: nothing it writes (stdout and stderr, DEBUG logs included,
+    from start to a SIGTERM stop) contains a key."""
+    s: Settings = make_settings(api_keys=API_KEYS)
+    await create_topics(s)
+    port = free_port()
+    env = {
+        **os.environ,
+        "RTML_KAFKA_BOOTSTRAP": str(s.kafka.bootstrap), "RTML_KAFKA_PARTITIONS": str(s.kafka.partitions),
+        "RTML_REDIS_URL": str(s.redis.url), "RTML_REDIS_KEY_PREFIX": s.redis.key_prefix,
+        "RTML_TOPIC_PREFIX": s.topic_prefix, "RTML_CONFIG": str(s.platform_config_path()),
+        "RTML_API_KEYS": API_KEYS, "RTML_LOG_LEVEL": "DEBUG", "RTML_SERVING_PORT": str(port),
+    }  # fmt: skip
+    log = tmp_path / "serving.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rtml.cli.main", "serve", "serving"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    responses: list[httpx.Response] = []
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+
+            async def ready() -> None:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    assert (await client.get("/readyz")).status_code == 200
+                except httpx.HTTPError as exc:
+                    raise AssertionError(str(exc)) from None
+
+            await eventually(ready, timeout=60, every=0.1)
+
+            async def call(method: str, path: str, key: str | None, status: int, **kw: Any) -> None:
+                headers = {**kw.pop("headers", {}), **(bearer(key) if key else {})}
+                resp = await client.request(method, path, headers=headers, **kw)
+                responses.append(resp)
+                assert resp.status_code == status, (method, path, resp.status_code, resp.text)
+
+            body = BODIES[("POST", "/v1/predict")]
+            bad_json = {"content": b'{"entities": ', "headers": {"content-type": "application/json"}}
+            await call("POST", "/v1/models/ctr/versions?promote=true", ADMIN, 201, content=tiny_onnx())
+            await call("POST", "/v1/predict", None, 401, json=body)
+            await call("POST", "/v1/predict", UNKNOWN_KEY, 401, json=body)
+            await call("POST", "/v1/predict", "sk-read-5d27a9e613b4", 403, json=body)
+            await call("POST", "/v1/predict", "sk-web-2c9b7e1fa043", 200, json=body)
+            await call("POST", "/v1/predict", "sk-predict-8b1e44c0f7a9", 422, **bad_json)
+            await call("GET", "/v1/models", UNKNOWN_KEY, 401)
+            await call("GET", "/v1/models", "sk-predict-8b1e44c0f7a9", 403)
+            await call("GET", "/v1/models", "sk-app-71ae0d3c55f1", 200)
+            await call("POST", "/v1/models/ctr/promote", UNKNOWN_KEY, 401, **bad_json)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    output = log.read_text(errors="replace")
+    assert " DEBUG " in output, output[-2000:]  # the process did log at DEBUG: the check below can find things
+    everything = [output, *(f"{r.status_code} {r.headers!r} {r.text}" for r in responses)]
     for key in [*KEYS, UNKNOWN_KEY]:
         leaks = [text[max(0, text.find(key) - 200) : text.find(key) + 50] for text in everything if key in text]
         assert not leaks, f"key {key[:6]}... found in: {leaks[:3]}"
