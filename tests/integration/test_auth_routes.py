@@ -252,6 +252,43 @@ async def test_every_v1_route_refuses_a_missing_unknown_or_wrong_key(service: st
     assert not failures, "\n".join(failures)
 
 
+async def test_every_key_path_compares_with_every_key_in_constant_time(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever key is sent (the first configured, the last, an unknown one) and whichever way the request
+    goes (serving's fast path, a FastAPI route), it is compared with every configured key, each by
+    ``hmac.compare_digest``: no early exit says which key matched or how many were tried."""
+    import hmac
+
+    from rtml.core import auth
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    keys = ApiKeys.parse(API_KEYS)
+    configured = sorted(k.encode() for k in KEYS)
+    for given in (next(iter(KEYS)), list(KEYS)[-1], UNKNOWN_KEY):
+        calls.clear()
+        with contextlib.suppress(Exception):
+            keys.check(f"Bearer {given}", "admin")
+        assert sorted(b for _, b in calls) == configured and {a for a, _ in calls} == {given.encode()}, given
+
+    app = create_service_app(Service.serving, make_settings(api_keys=API_KEYS))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        for method, path, key, status in [("POST", "/v1/predict", "sk-read-5d27a9e613b4", 403),  # fast path
+                                          ("POST", "/v1/recommend", UNKNOWN_KEY, 401),  # fast path
+                                          ("GET", "/v1/models", "sk-predict-8b1e44c0f7a9", 403)]:  # fmt: skip
+            calls.clear()
+            resp = await client.request(method, path, headers=bearer(key), json={})
+            assert resp.status_code == status, (path, resp.text)
+            assert sorted(b for _, b in calls) == configured, path
+
+
 def test_key_errors_in_the_setting_never_echo_a_key() -> None:
     """A malformed RTML_API_KEYS fails start-up with an error naming the entry's position, never its text
     (a key written the wrong way round, ``scope:key``, would otherwise end up in a log)."""
