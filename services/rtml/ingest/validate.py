@@ -17,6 +17,7 @@ from rtml.core.schemas import EventIn
 
 Record = tuple[bytes | None, bytes]
 _BATCH = TypeAdapter(list[EventIn])
+MAX_DETAILS = 100  # problems listed in a 422: a body of 100,000 bad keys must not get a 100,000-entry answer
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
@@ -81,7 +82,6 @@ def _errors_one_by_one(items: list[Any], now: int, max_future_ms: int) -> list[d
 def _invalid(single: bool, errors: list[dict[str, Any]]) -> InvalidInput:
     what = "the event is invalid" if single else f"{len({e['index'] for e in errors})} event(s) are invalid"
     first = errors[0]
-    return InvalidInput(
-        f"{what}; nothing was published (first: index {first['index']}, {first['field']}: {first['message']})",
-        details=errors,
-    )
+    listed = "" if len(errors) <= MAX_DETAILS else f"; {len(errors)} problems, the first {MAX_DETAILS} listed"
+    first_text = f"index {first['index']}, {first['field']}: {first['message']}"
+    return InvalidInput(f"{what}; nothing was published (first: {first_text}){listed}", details=errors[:MAX_DETAILS])
