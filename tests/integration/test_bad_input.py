@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from rtml.core.config import load_config
+from rtml.core.embedded import free_port
 from rtml.core.redis import Keys, connect
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
@@ -33,7 +34,7 @@ from rtml.ingest.app import create_app as create_ingest
 from rtml.serving.app import create_app as create_serving
 from rtml.serving.registry import MAX_MODEL_BYTES, ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, train_model
-from tests.helpers import error_of, running
+from tests.helpers import error_of, running, served
 from tests.integration.test_deadletter_topics import read_all
 
 pytestmark = pytest.mark.integration
@@ -171,7 +172,9 @@ async def test_ingest_refuses_bad_events_with_4xx_and_publishes_none_of_them(set
         "acc-4-min-ahead": (future - 6 * 60_000, future - 6 * 60_000),
         "acc-text-plain": (None, None),  # a JSON body is read as JSON whatever its Content-Type
     }
-    async with running(create_ingest(settings)) as ingest:
+    # ingest under uvicorn on a real socket: the oversized and chunked bodies go through real HTTP framing
+    port = free_port()
+    async with served(create_ingest(settings), port) as url, httpx.AsyncClient(base_url=url, timeout=HANG_S) as ingest:
         await check(ingest, "/v1/events", cases, limit)
         for event_id, (ts, _) in accepted.items():
             body = orjson.dumps(event(event_id) if ts is None else event(event_id, ts=ts))
@@ -240,7 +243,8 @@ async def test_serving_refuses_bad_requests_with_4xx_and_logs_no_prediction_for_
         ("100,000 nested arrays", DEEP_ARRAY, JSON, 400, "http_error", "error parsing the body"),
         ("over the limit by Content-Length", b"x" * (limit + 1), JSON, 413, "payload_too_large", "over"),
     ]
-    async with running(create_serving(settings)) as client:
+    port = free_port()  # under uvicorn on a real socket, as for ingest
+    async with served(create_serving(settings), port) as url, httpx.AsyncClient(base_url=url, timeout=HANG_S) as client:
         await check(client, "/v1/predict", predict_cases, limit)
         await check(client, "/v1/recommend", recommend_cases, limit)
         await check(client, "/v1/models/nope/promote", promote_cases)
