@@ -237,7 +237,7 @@ class Prediction:
     redis_down: bool
 
 
-@dataclass
+@dataclass(repr=False)  # pytest shows the operands of a failed assert: never 90,000 events, in every retry
 class Load:
     ingest: str
     serving: str
@@ -266,6 +266,12 @@ class Load:
     outcomes: asyncio.Queue[tuple[str, float]] = field(default_factory=asyncio.Queue)
     outcomes_acked: dict[str, float] = field(default_factory=dict)
     outcome_status: Counter[int] = field(default_factory=Counter)
+
+    def __repr__(self) -> str:
+        return (f"Load(sent={self.sent}, acked={len(self.acked)}, ingest={dict(self.ingest_status)}, "
+                f"predictions={len(self.predictions)}, serving={dict(self.predict_status)}, "
+                f"outcomes_acked={len(self.outcomes_acked)}, unexpected={self.unexpected[:3]}, "
+                f"hangs={self.hangs[:3]})")  # fmt: skip
 
     async def run_ingest(self, client: httpx.AsyncClient) -> None:
         loop = asyncio.get_running_loop()
@@ -451,16 +457,17 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                     assert await metric_of(client, features, "rtml_consumer_records_total", consumer="features") >= n
 
                 # 1. SIGKILL features while it consumes
-                await eventually(lambda: consumed_at_least(3_000), timeout=READY_S)
+                await eventually(lambda: consumed_at_least(3_000), timeout=READY_S, every=0.5)
                 features.kill()
                 features.start()
                 await eventually(lambda: all_ready(client, services), timeout=READY_S, every=0.2)
-                await eventually(lambda: consumed_at_least(1_000), timeout=READY_S)  # the new process consumes
+                # the new process consumes (its counter starts at 0)
+                await eventually(lambda: consumed_at_least(1_000), timeout=READY_S, every=0.5)
                 mark("features killed and back")
 
                 # 2. freeze the broker for 10 s
                 target = len(load.acked) + 3_000
-                await eventually(lambda: acked_at_least(target), timeout=READY_S)
+                await eventually(lambda: acked_at_least(target), timeout=READY_S, every=0.2)
                 pids = {name: s.pid for name, s in services.items()}
                 os.kill(infra.broker.proc.pid, signal.SIGSTOP)
                 load.broker_stopped = True
@@ -472,7 +479,7 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 assert load.refused_while_stopped > 0, load.ingest_status  # 503 while frozen, not a hang
                 assert load.without_retry_after == 0
                 target = len(load.acked) + 3_000
-                await eventually(lambda: acked_at_least(target), timeout=READY_S)
+                await eventually(lambda: acked_at_least(target), timeout=READY_S, every=0.2)
                 mark("broker frozen and back")
 
                 # 3. stop redis-server, start it again on its data
@@ -499,12 +506,12 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
 
                 await eventually(redis_named_failed, timeout=READY_S, every=0.2)
                 await eventually(degraded_answer, timeout=READY_S, every=0.2)
-                retries = await eventually(lambda: retried(retries_before), timeout=READY_S, every=0.2)
+                retries = await eventually(lambda: retried(retries_before), timeout=READY_S, every=0.5)
                 frozen_offsets = await committed(infra.bootstrap, group, settings.topic("events"))
                 target = len(load.acked) + 3_000
                 # the consumer had records to commit (ingest acknowledged 3,000 more) and failed again: no commit
-                await eventually(lambda: acked_at_least(target), timeout=READY_S)
-                await eventually(lambda: retried(retries + 1), timeout=READY_S, every=0.2)
+                await eventually(lambda: acked_at_least(target), timeout=READY_S, every=0.2)
+                await eventually(lambda: retried(retries + 1), timeout=READY_S, every=0.5)
                 assert await committed(infra.bootstrap, group, settings.topic("events")) == frozen_offsets
                 infra.start_redis()
                 load.redis_down = False
