@@ -470,8 +470,17 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 await eventually(lambda: acked_at_least(target), timeout=READY_S, every=0.2)
                 pids = {name: s.pid for name, s in services.items()}
                 os.kill(infra.broker.proc.pid, signal.SIGSTOP)
+                frozen_at = time.monotonic()
                 load.broker_stopped = True
-                await asyncio.sleep(BROKER_STOP_S)
+
+                async def kafka_named_failed() -> None:
+                    for s in services.values():
+                        resp = await get(client, f"{s.url}/readyz")
+                        assert resp.status_code == 503 and "kafka" in resp.json()["failed"], (s.name, resp.text)
+
+                # frozen for BROKER_STOP_S, or longer if readiness takes longer to say so on a busy box
+                await eventually(kafka_named_failed, timeout=READY_S, every=0.2)
+                await asyncio.sleep(max(0.0, BROKER_STOP_S - (time.monotonic() - frozen_at)))
                 load.broker_stopped = False
                 os.kill(infra.broker.proc.pid, signal.SIGCONT)
                 await eventually(lambda: all_ready(client, services), timeout=READY_S, every=0.2)
