@@ -3,14 +3,63 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
+import orjson
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
+from rtml.core import metrics
 from rtml.core.app import ReadinessCheck, build_app
+from rtml.core.errors import Overloaded, RtmlError
 from rtml.core.kafka import Producer
 from rtml.core.settings import Settings
 from rtml.ingest.routes import Admission, router
+
+EVENTS_PATH = "/v1/events"
+
+
+class IngestApp(FastAPI):
+    """The ingest app, with the refusal of an overloaded ``POST /v1/events`` answered before FastAPI's stack.
+
+    Under overload most requests are refused, so a refusal must cost far less than an admitted request: going
+    through the middleware stack, the router and the dependencies would spend the CPU the admitted ones need
+    (measured: admitted throughput halved at 2x). When the process is full (``Admission.full``) and the
+    caller's key is good, the 503 is written here (counted like the route would: shed and request metrics).
+    Otherwise the route admits or refuses as usual (``Admission.enter``); a caller without a valid key still
+    gets its 401/403 from there."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == EVENTS_PATH and scope["method"] == "POST":
+            admission: Admission = self.state.admission
+            if admission.full and self._authorized(scope):
+                await self._refuse(admission, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        keys = self.state.api_keys
+        if not keys.enabled:
+            return True
+        auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            keys.check(auth, "ingest")
+        except RtmlError:
+            return False
+        return True
+
+    async def _refuse(self, admission: Admission, send: Send) -> None:
+        started = time.perf_counter()
+        metrics.INGEST_SHED.inc()
+        exc = Overloaded(f"more than {admission.max_in_flight} ingest requests in flight; retry shortly")
+        body = orjson.dumps(exc.to_body())
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        metrics.HTTP_REQUEST_SECONDS.labels("ingest", EVENTS_PATH, "POST").observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels("ingest", EVENTS_PATH, "POST", str(exc.status)).inc()
 
 
 @contextlib.asynccontextmanager
@@ -20,8 +69,9 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
         yield {"kafka": producer.ping}
 
 
-def create_app(settings: Settings) -> FastAPI:
-    app = build_app("ingest", settings, _open)
+def create_app(settings: Settings) -> IngestApp:
+    app = build_app("ingest", settings, _open, app_class=IngestApp)
+    assert isinstance(app, IngestApp)
     app.state.admission = Admission(settings.ingest_max_in_flight, settings.ingest_max_pending_events)
     app.include_router(router)
     return app

@@ -36,8 +36,12 @@ class Admission:
         self.in_flight = 0
         self.pending_events = 0
 
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= self.max_in_flight
+
     def enter(self) -> None:
-        if self.in_flight >= self.max_in_flight:
+        if self.full:
             metrics.INGEST_SHED.inc()
             raise Overloaded(f"more than {self.max_in_flight} ingest requests in flight; retry shortly")
         self.in_flight += 1

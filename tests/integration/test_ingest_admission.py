@@ -1,0 +1,53 @@
+"""Ingest admission in-process, on the real broker: a full process refuses with 503 before reading the body,
+but never instead of the 401/403 a caller without the right key gets. (The same on real processes, with the
+admitted requests held by a paused broker: tests/e2e/test_overload.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from rtml.core.kafka import create_topics
+from rtml.core.settings import Settings
+from rtml.ingest.app import create_app
+from rtml.ingest.routes import Admission
+from tests.helpers import error_of, running
+
+pytestmark = pytest.mark.integration
+
+KEYS = "ik:ingest,pk:predict"
+
+
+def shed(text: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith("rtml_ingest_shed_total "))
+    return float(line.split()[1])
+
+
+async def test_a_full_process_refuses_authorized_callers_with_503_and_others_with_401_403(make_settings: Any) -> None:
+    s: Settings = make_settings(api_keys=KEYS, ingest_max_in_flight=2)
+    await create_topics(s)
+    app = create_app(s)
+    event = {"type": "view", "user_id": "u1"}
+    async with running(app) as client:
+        ok = await client.post("/v1/events", json=event, headers={"Authorization": "Bearer ik"})
+        assert ok.status_code == 202
+        before = shed((await client.get("/metrics")).text)
+        admission: Admission = app.state.admission
+        admission.in_flight = admission.max_in_flight  # as if two requests were waiting for the broker
+        try:
+            full = await client.post("/v1/events", json=event, headers={"Authorization": "Bearer ik"})
+            assert full.status_code == 503 and error_of(full)["code"] == "overloaded"
+            assert full.headers["Retry-After"] == "1"
+            assert (await client.post("/v1/events", json=event)).status_code == 401
+            wrong = await client.post("/v1/events", json=event, headers={"Authorization": "Bearer pk"})
+            assert wrong.status_code == 403
+            assert (await client.get("/healthz")).status_code == 200  # health and metrics are never refused
+            text = (await client.get("/metrics")).text
+            assert shed(text) == before + 1
+            assert 'rtml_http_requests_total{method="POST",route="/v1/events",service="ingest",status="503"}' in text
+        finally:
+            admission.in_flight = 0
+        again = await client.post("/v1/events", json=event, headers={"Authorization": "Bearer ik"})
+        assert again.status_code == 202  # room again: admitted
+        assert admission.in_flight == 0 and admission.pending_events == 0
