@@ -32,7 +32,9 @@ from tests.integration.test_serving import register
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-HOLD = {"RTML_KAFKA_PUBLISH_TIMEOUT_S": "60", "RTML_KAFKA_REQUEST_TIMEOUT_MS": "60000"}
+# the held request may wait for the paused dependency this long; the drain after SIGTERM lasts as long, so a
+# slow CI box cannot cut it before the test resumes the dependency (the default grace is 4 s)
+HOLD = {"RTML_KAFKA_PUBLISH_TIMEOUT_S": "60", "RTML_KAFKA_REQUEST_TIMEOUT_MS": "60000", "RTML_SHUTDOWN_GRACE_S": "60"}
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ async def test_sigterm_lets_a_prediction_in_flight_finish_and_flushes_the_predic
     s: Settings = make_settings(redis={"url": f"redis://127.0.0.1:{own_redis.port}/0"})
     await create_topics(s)
     version = await register(s)
-    env = env_of(s, RTML_REDIS_SOCKET_TIMEOUT_S="60", RTML_MODEL_POLL_INTERVAL_S="3600")
+    env = env_of(s, RTML_REDIS_SOCKET_TIMEOUT_S="60", RTML_MODEL_POLL_INTERVAL_S="3600", RTML_SHUTDOWN_GRACE_S="60")
     serving = Service("serving", env, log_dir)
     services.append(serving)
     serving.wait_ready()

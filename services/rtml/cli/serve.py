@@ -102,7 +102,7 @@ def _uvicorn_options(settings: Settings, name: Service) -> dict[str, Any]:
         "proxy_headers": False,  # nothing uses the client address; it costs a middleware on every request
         "server_header": False,
         "lifespan": "on",
-        "timeout_graceful_shutdown": 4,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
     }
 
 

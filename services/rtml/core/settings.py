@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     host: str = "127.0.0.1"
+    # After SIGTERM/SIGINT, how long requests in flight may take to finish before they are cut (then consumers
+    # commit and the producer flushes). Keep it under the orchestrator's kill timeout (`rtml up`: 5 s; Kubernetes
+    # terminationGracePeriodSeconds: 30 s by default).
+    shutdown_grace_s: float = Field(default=4.0, gt=0)
     # uvicorn worker processes per service (`rtml serve`); more than 1 turns on prometheus-client's
     # multiprocess mode so /metrics counts every worker (see rtml.core.metrics).
     workers: int = Field(default=1, ge=1)
