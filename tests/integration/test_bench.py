@@ -62,7 +62,7 @@ async def test_bench_memory_reports_positive_sizes(settings: Settings) -> None:
 
 
 async def test_unknown_benchmark_is_a_clear_error(settings: Settings) -> None:
-    assert set(BENCHES) == {"ingest", "freshness", "read", "memory", "predict", "recommend"}
+    assert set(BENCHES) == {"ingest", "freshness", "read", "memory", "predict", "recommend", "overload"}
     with pytest.raises(ValueError, match="unknown benchmark"):
         await arun_bench("nope", settings)
 
