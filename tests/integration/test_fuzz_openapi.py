@@ -120,12 +120,9 @@ def platform(
 # What a schema cannot say: an upload's bytes must be a loadable ONNX model whose input fits its features (and
 # ``metadata`` a JSON object), so schema-valid uploads are rightly refused (422) and that check cannot apply.
 # A rollout's ``share`` applies to stage canary only (a rule across two fields).
-# Known finding F1 (findings-auth.md): ingest's batch schema allows keys next to "events" that ingest refuses.
-# Remove that entry with the xfail of test_ingest_batch_schema_agrees_with_ingest once the schema is fixed.
 SCHEMA_CANNOT_SAY = {
     "POST /v1/models/{name}/versions": [positive_data_acceptance],
     "POST /v1/models/{name}/rollout": [positive_data_acceptance],
-    "POST /v1/events": [positive_data_acceptance],
 }
 
 
@@ -246,9 +243,6 @@ def test_rollout_share_bounds_and_upload_body_are_published() -> None:
     assert body["required"] and "application/octet-stream" in body["content"]
 
 
-@pytest.mark.xfail(strict=True, reason="findings-auth.md F1: ingest's published batch schema allows keys next "
-                   "to 'events' that ingest refuses (422); owner: ingest/routes.py _BODY_DOC. When fixed, also drop "
-                   "POST /v1/events from SCHEMA_CANNOT_SAY")  # fmt: skip
 def test_ingest_batch_schema_agrees_with_ingest() -> None:
     from rtml.core.errors import InvalidInput
     from rtml.ingest.validate import parse_events

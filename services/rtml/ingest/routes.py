@@ -81,6 +81,7 @@ _BODY_DOC: dict[str, Any] = {
                             "type": "object",
                             "properties": {"events": {"type": "array", "items": _EVENT_SCHEMA, "maxItems": 10_000}},
                             "required": ["events"],
+                            "additionalProperties": False,  # parse_events refuses any other key (422)
                         },
                     ]
                 }
