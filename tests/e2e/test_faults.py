@@ -385,16 +385,19 @@ class Load:
 
 
 @contextlib.asynccontextmanager
-async def running_load(load: Load, client: httpx.AsyncClient) -> AsyncIterator[asyncio.Task[None]]:
+async def running_load(
+    load: Load, client: httpx.AsyncClient
+) -> AsyncIterator[tuple[asyncio.Task[None], asyncio.Task[None]]]:
+    """The clients as tasks; yields the ingest and predict ones (they end by themselves, see ``Load``)."""
     ingest = asyncio.create_task(load.run_ingest(client), name="ingest-client")
-    others = [asyncio.create_task(load.run_predict(client), name="predict-client")]
-    others += [asyncio.create_task(load.run_outcomes(client), name=f"outcome-client-{i}") for i in range(2)]
+    predict = asyncio.create_task(load.run_predict(client), name="predict-client")
+    others = [asyncio.create_task(load.run_outcomes(client), name=f"outcome-client-{i}") for i in range(2)]
     try:
-        yield ingest
+        yield ingest, predict
     finally:
-        for task in [ingest, *others]:
+        for task in [ingest, predict, *others]:
             task.cancel()
-        await asyncio.gather(ingest, *others, return_exceptions=True)
+        await asyncio.gather(ingest, predict, *others, return_exceptions=True)
 
 
 # -- the test -------------------------------------------------------------------------------------------
@@ -447,7 +450,7 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
             mark("ready")
             features, serving, feedback = services["features"], services["serving"], services["feedback"]
             load = Load(services["ingest"].url, serving.url, feedback.url)
-            async with running_load(load, client) as ingest_task:
+            async with running_load(load, client) as (ingest_task, predict_task):
 
                 async def acked_at_least(n: int) -> None:
                     assert not ingest_task.done(), ingest_task
@@ -526,6 +529,10 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 load.redis_down = False
                 await eventually(lambda: all_ready(client, services), timeout=READY_S, every=0.2)
                 assert {name: s.pid for name, s in services.items()} == pids
+                # nor did a consumer loop: the outages were retried, not crashed through (a loop restarts only
+                # after an unexpected error)
+                for s, consumer in ((features, "features"), (feedback, "feedback-join")):
+                    assert await metric_of(client, s, "rtml_consumer_restarts_total", consumer=consumer) == 0, consumer
                 mark("redis stopped and back")
 
                 # 4. SIGKILL serving and feedback
@@ -548,6 +555,7 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 load.faults_done = True
                 await asyncio.wait_for(ingest_task, timeout=300)  # the load runs until >= MIN_EVENTS
                 load.stop_predicting = True
+                await asyncio.wait_for(predict_task, timeout=READY_S)  # its last answer recorded, not cancelled
                 await asyncio.wait_for(load.outcomes.join(), timeout=READY_S)
                 mark("load done")
 
