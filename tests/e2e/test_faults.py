@@ -497,7 +497,7 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 # 3. stop redis-server, start it again on its data
                 group = f"{env['RTML_TOPIC_PREFIX']}features"
                 retries_before = await metric_of(client, features, "rtml_consumer_retries_total", consumer="features")
-                infra.stop_redis()
+                await asyncio.to_thread(infra.stop_redis)  # not blocking the clients' event loop
                 load.redis_down = True
 
                 async def redis_named_failed() -> None:
@@ -525,7 +525,7 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
                 await eventually(lambda: acked_at_least(target), timeout=READY_S, every=0.2)
                 await eventually(lambda: retried(retries + 1), timeout=READY_S, every=0.5)
                 assert await committed(infra.bootstrap, group, settings.topic("events")) == frozen_offsets
-                infra.start_redis()
+                await asyncio.to_thread(infra.start_redis)
                 load.redis_down = False
                 await eventually(lambda: all_ready(client, services), timeout=READY_S, every=0.2)
                 assert {name: s.pid for name, s in services.items()} == pids
