@@ -154,6 +154,11 @@ class Producer:
         per partition; one flusher per partition turns everything queued into whole record batches
         (aiokafka's batch API: ~1.3 us a record instead of ~9 us through ``send()``), so concurrent callers
         share batches the way ``linger`` would make them.
+
+        ``DependencyUnavailable`` (503) after ``publish_timeout_s`` without every ack: the records no flusher
+        took yet are withdrawn (never sent), those already handed to aiokafka may still be published, so a
+        503 means "not acknowledged", not "not published": a caller retries with the same ids (event_id is
+        the dedup key) and each record counts once.
         """
         full = self._settings.topic(topic)
         hdrs = [(SCHEMA_HEADER, SCHEMA_VERSION.encode()), *(headers or [])]
