@@ -20,14 +20,14 @@ from rtml.core import redis as rredis
 from rtml.core.app import ReadinessCheck, build_app
 from rtml.core.config import load_config
 from rtml.core.errors import DependencyUnavailable
-from rtml.core.kafka import Consumed, ConsumerLoop, Producer, decode_json
+from rtml.core.kafka import Consumed, ConsumerLoop, Producer
 from rtml.core.settings import Settings
 from rtml.features.store import FeatureStore
 from rtml.serving.fastpath import FastPath, ServingApp
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.predict import Predictor
 from rtml.serving.predictlog import PredictionLog
-from rtml.serving.registry import MAX_MODEL_BYTES, ModelRegistry
+from rtml.serving.registry import MAX_MODEL_BYTES, ModelRegistry, decode_announcement
 from rtml.serving.routes import router
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer)
         name="serving-models",
         topics=["models"],
         group_id=f"serving-models-{uuid.uuid4().hex[:12]}",
-        decode=decode_json,
+        decode=decode_announcement,  # anything else goes to the dead-letter topic with the reason
         handle=handle,
         producer=producer,
         fetch_max_wait_ms=500,  # promotions are rare and may take a moment; idle polling costs the request path
