@@ -178,7 +178,6 @@ async def test_events_consumer_dead_letters_malformed_records_and_applies_the_ne
     assert len(huge.value) > HUGE  # parked whole, not truncated
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the features consumer ignores the rtml-schema header (F1)")
 async def test_events_of_another_schema_version_are_dead_lettered_by_features(settings: Settings) -> None:
     before = dead_letters(settings, "events")
     async with running(create_features(settings)) as features:
@@ -377,7 +376,6 @@ BAD_MODEL_SHAPES: list[tuple[bytes, bytes | None, Any]] = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the models watcher dead-letters only what is not JSON (F2)")
 async def test_serving_dead_letters_announcements_of_the_wrong_shape_or_schema(make_settings: Any) -> None:
     from rtml.core.kafka import create_topics
 

@@ -8,7 +8,8 @@ import orjson
 import pytest
 from aiokafka import ConsumerRecord
 
-from rtml.core.kafka import REASON_HEADER, SCHEMA_HEADER, Consumed, ConsumerLoop, Producer, decode_json
+from rtml.core.kafka import REASON_HEADER, Consumed, ConsumerLoop, Producer, decode_json
+from rtml.core.schemas import SCHEMA_HEADER
 from rtml.core.settings import Settings
 
 pytestmark = pytest.mark.integration

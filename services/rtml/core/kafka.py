@@ -33,13 +33,12 @@ from aiokafka.partitioner import murmur2
 
 from rtml.core import metrics
 from rtml.core.errors import DependencyUnavailable, RtmlError, UnprocessableRecord
-from rtml.core.schemas import SCHEMA_VERSION
+from rtml.core.schemas import SCHEMA_HEADER, SCHEMA_VERSION
 from rtml.core.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
 
 TOPICS = ("events", "predictions", "outcomes", "examples", "models", "deadletter")
-SCHEMA_HEADER = "rtml-schema"
 REASON_HEADER = "rtml-reason"
 Headers = list[tuple[str, bytes]]
 _Entry = tuple[list[tuple[bytes | None, bytes]], Headers, "asyncio.Future[None]"]  # records queued by one caller
