@@ -98,7 +98,7 @@ async def test_window_numbers_match_sklearn_through_the_route(settings: Settings
     assert abs(v["auc"] - roc_auc_score(labels, scores)) <= (pos * neg).sum() / (2 * pos.sum() * neg.sum())
     assert v["calibration"] == pytest.approx(ece(scores, labels), abs=1e-9)
     assert v["score_drift"] is None and v["feature_drift"] == {}  # version 1 is not registered: no reference
-    assert empty.status_code == 200 and empty.json()["versions"] == []
+    assert empty.status_code == 404 and "unknown model" in empty.text  # neither configured nor registered
 
 
 async def test_tiles_of_a_past_window_stop_counting_and_expire(settings: Settings, redis: Redis) -> None:

@@ -29,7 +29,7 @@ from rtml import __version__
 from rtml.core import metrics
 from rtml.core.auth import ApiKeys
 from rtml.core.auth import Scope as AuthScope
-from rtml.core.errors import DependencyUnavailable, PayloadTooLarge, RtmlError
+from rtml.core.errors import MAX_DETAILS, DependencyUnavailable, PayloadTooLarge, RtmlError
 from rtml.core.settings import ServiceName, Settings
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,17 @@ def error_response(exc: RtmlError) -> JSONBytes:
 
 
 def invalid_body(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The 422 body for pydantic errors (FastAPI's or pydantic's own): each bad field as a dotted path."""
+    """The 422 body for pydantic errors (FastAPI's or pydantic's own): each bad field as a dotted path, the
+    first ``MAX_DETAILS`` of them (the message says how many there were)."""
+    errors = list(errors)
     details = [
         {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"), "message": err.get("msg", "")}
-        for err in errors
+        for err in errors[:MAX_DETAILS]
     ]
-    return {"error": {"code": "invalid", "message": "request does not validate", "details": details}}
+    message = "request does not validate"
+    if len(errors) > MAX_DETAILS:
+        message += f"; {len(errors)} problems, the first {MAX_DETAILS} listed"
+    return {"error": {"code": "invalid", "message": message, "details": details}}
 
 
 class MetricsMiddleware:

@@ -35,8 +35,13 @@ class BadRequest(RtmlError):
     code = "bad_request"
 
 
+# problems listed in a 422: a body of 100,000 bad keys must not get a 100,000-entry answer
+MAX_DETAILS = 100
+
+
 class InvalidInput(RtmlError):
-    """The caller sent something that does not validate; ``details`` names each bad field."""
+    """The caller sent something that does not validate; ``details`` names each bad field (at most
+    ``MAX_DETAILS`` of them, the message saying how many there were)."""
 
     status = 422
     code = "invalid"

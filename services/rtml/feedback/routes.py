@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Request
 
 from rtml.core.app import SettingsDep, require
 from rtml.core.config import load_config
-from rtml.core.errors import InvalidInput
+from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.kafka import Producer
 from rtml.core.redis import Keys, Redis
 from rtml.core.schemas import Outcome, OutcomeIn
@@ -16,6 +16,7 @@ from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.feedback import quality
 from rtml.feedback.learning import Learning
+from rtml.serving.registry import ModelRegistry
 
 router = APIRouter(prefix="/v1")
 
@@ -53,8 +54,19 @@ async def get_quality(
     """Online quality per version over the model's quality window (``models.<name>.quality.window``): count,
     positive rate, mean score, log loss, AUC, calibration error (ECE) and drift against training (PSI of the
     score and of each input; null without a training reference). A model with no label in the window has an
-    empty ``versions`` list."""
-    return await quality_store(request, settings).report(name)
+    empty ``versions`` list; a model neither configured nor registered is a 404."""
+    store = quality_store(request, settings)
+    await require_known(store, name)
+    return await store.report(name)
+
+
+async def require_known(store: quality.QualityStore, name: str) -> None:
+    """404 for a model that is neither in the platform config nor in the registry (a typo must not look like
+    a model with no labels yet)."""
+    if store.config is not None and name in store.config.models:
+        return
+    if name not in await ModelRegistry(store.redis, store.keys).names():
+        raise NotFound(f"unknown model {name!r}")
 
 
 def quality_store(request: Request, settings: Settings) -> quality.QualityStore:
@@ -75,6 +87,8 @@ async def get_decisions(
 ) -> dict[str, Any]:
     """The learning loop's decisions about the model, newest first: retrainings (with the trigger and the
     holdout numbers) and rollout steps (shadow → canary → promote / reject, guard → keep / rollback) with
-    the labels and metric values each one used. Empty for a model nothing was decided about yet."""
+    the labels and metric values each one used. Empty for a model nothing was decided about yet; a model
+    neither configured nor registered is a 404."""
+    await require_known(quality_store(request, request.app.state.settings), name)
     learning: Learning = request.app.state.learning
     return {"model": name, "decisions": await learning.decisions(name, limit)}

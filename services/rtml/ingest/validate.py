@@ -12,12 +12,11 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from rtml.core.errors import InvalidInput, PayloadTooLarge
+from rtml.core.errors import MAX_DETAILS, InvalidInput, PayloadTooLarge
 from rtml.core.schemas import EventIn
 
 Record = tuple[bytes | None, bytes]
 _BATCH = TypeAdapter(list[EventIn])
-MAX_DETAILS = 100  # problems listed in a 422: a body of 100,000 bad keys must not get a 100,000-entry answer
 
 
 def _field(loc: tuple[int | str, ...]) -> str:

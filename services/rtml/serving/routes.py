@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema, field_validator
 
 from rtml.core.app import JSONBytes, require
 from rtml.core.auth import ApiKeys
 from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.kafka import Producer
+from rtml.core.values import FLOAT32_MAX, as_float
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.predict import Predictor
 from rtml.serving.registry import MODEL_NAME, ModelRegistry
@@ -24,7 +24,12 @@ Id = Annotated[str, Field(min_length=1, max_length=256)]
 # The registry's rule for model names, published in the OpenAPI document (a name outside it is a 422 either way)
 ModelName = Annotated[str, Path(pattern=MODEL_NAME.pattern, description="letters, digits, '_', '.', '-' (at most 64)")]
 EntityValue = Annotated[StrictStr | StrictInt, Field()]
-FeatureInput = StrictFloat | StrictInt | None
+# A feature value the models can take (float32 inputs): the range is published in the OpenAPI document and
+# checked by PredictRequest._finite, which says why in its 422
+FeatureInput = Annotated[
+    StrictFloat | StrictInt | None,
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}, {"type": "null"}]}),
+]
 
 
 def _str_entities(v: dict[str, str | int]) -> dict[str, str]:
@@ -41,9 +46,13 @@ class PredictRequest(BaseModel):
     @field_validator("features")
     @classmethod
     def _finite(cls, v: dict[str, float | int | None]) -> dict[str, float | int | None]:
+        # the models take float32: a value past its range would reach them as an infinity, so it is the
+        # caller's mistake (422), not something to drop silently in favour of the default
         for key, val in v.items():
-            if isinstance(val, float) and not math.isfinite(val):
-                raise ValueError(f"feature {key!r} must be a finite number or null")
+            if val is not None and as_float(val) is None:
+                raise ValueError(
+                    f"feature {key!r} must be a finite number or null (within float32 range, |x| <= 3.4e38)"
+                )
         return v
 
 
@@ -62,6 +71,15 @@ class RecommendRequest(BaseModel):
     user_id: Id
     candidates: list[Id] = Field(min_length=1, max_length=1000)
     k: int = Field(default=10, ge=1, le=1000)
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _whole_number(cls, v: object) -> object:
+        # strict like every other number of the API, except that 26.0 is an integer to JSON Schema (and so to
+        # the OpenAPI document): a string or a boolean is refused, 26.5 by pydantic
+        if isinstance(v, str | bool):
+            raise ValueError("k must be a whole number")
+        return v
 
 
 class RankedItem(BaseModel):
