@@ -20,6 +20,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -82,6 +83,24 @@ def parse_ts(value: object) -> int:
     raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
 
 
+# ``ts`` as callers may send it (parse_ts): epoch milliseconds or an RFC 3339 string with an offset; published
+# as such in the OpenAPI document, which clients generate code from
+TsIn = Annotated[
+    int | None,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": -_INT64, "maximum": _INT64 - 1},
+                {"type": "number", "minimum": -_INT64, "maximum": _INT64 - 1},
+                {"type": "string", "format": "date-time"},
+                {"type": "null"},
+            ],
+            "description": "epoch ms, or RFC 3339 with an offset (2026-01-31T12:00:00Z); default: receive time",
+        }
+    ),
+]
+
+
 class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -89,7 +108,7 @@ class EventIn(BaseModel):
     type: Annotated[str, Field(min_length=1, max_length=128)]
     user_id: Id | None = None
     item_id: Id | None = None
-    ts: int | None = None
+    ts: TsIn = None
     properties: dict[Annotated[str, Field(min_length=1, max_length=128)], PropertyValue] = Field(
         default_factory=dict, max_length=128
     )
@@ -157,7 +176,7 @@ class OutcomeIn(BaseModel):
     prediction_id: Id
     label: StrictBool | StrictInt | StrictFloat
     item_id: Id | None = None
-    ts: int | None = None
+    ts: TsIn = None
 
     @field_validator("ts", mode="before")
     @classmethod
