@@ -130,7 +130,9 @@ async def test_sigterm_lets_a_prediction_in_flight_finish_and_flushes_the_predic
     s: Settings = make_settings(redis={"url": f"redis://127.0.0.1:{own_redis.port}/0"})
     await create_topics(s)
     version = await register(s)
-    env = env_of(s, RTML_REDIS_SOCKET_TIMEOUT_S="60", RTML_MODEL_POLL_INTERVAL_S="3600", RTML_SHUTDOWN_GRACE_S="60")
+    # one request in flight at most: a probe refused with 503 proves the held request is in flight
+    env = env_of(s, RTML_REDIS_SOCKET_TIMEOUT_S="60", RTML_MODEL_POLL_INTERVAL_S="3600", RTML_SHUTDOWN_GRACE_S="60",
+                 RTML_PREDICT_MAX_IN_FLIGHT="1")  # fmt: skip
     serving = Service("serving", env, log_dir)
     services.append(serving)
     serving.wait_ready()
@@ -142,6 +144,18 @@ async def test_sigterm_lets_a_prediction_in_flight_finish_and_flushes_the_predic
         os.kill(own_redis.proc.pid, signal.SIGSTOP)
         try:
             held = asyncio.create_task(http.post(url, json={"entities": {"user_id": "held"}}, headers=hold))
+
+            async def in_flight() -> None:
+                # admitted before the held one arrived, a probe answers degraded within its 1 ms budget (and is
+                # logged); once the held request is in flight, the probe is refused: SIGTERM then finds it there
+                probe = await http.post(
+                    url, json={"entities": {"user_id": "probe"}}, headers={"X-Request-Timeout-Ms": "1"}
+                )
+                if probe.status_code == 200:
+                    answered.append(probe)
+                assert probe.status_code == 503, probe.text
+
+            await eventually(in_flight, timeout=30)
             assert serving.proc is not None
             serving.proc.send_signal(signal.SIGTERM)
             await stop_listening(serving)
