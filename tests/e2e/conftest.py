@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rtml.core import embedded
 from rtml.core.embedded import free_port
 from rtml.core.settings import SERVICES, Settings
 
@@ -81,3 +83,27 @@ def running_platform(
 def platform(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[Platform]:
     with running_platform(kafka_bootstrap, redis_url, tmp_path) as running:
         yield running
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[embedded.Managed]:
+    """A broker of this test's own, to pause with SIGSTOP (the session's is shared)."""
+    broker = embedded.start_broker(log_dir=tmp_path / "broker")
+    try:
+        yield broker
+    finally:
+        if broker.proc.poll() is None:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        broker.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[embedded.Managed]:
+    """A redis-server of this test's own, to pause with SIGSTOP."""
+    server = embedded.start_redis()
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()

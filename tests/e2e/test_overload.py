@@ -253,30 +253,6 @@ async def _ingest_at_twice_capacity(s: Settings, log_dir: Path, services: list[S
         await eventually(all_applied, timeout=180, every=0.5)
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[embedded.Managed]:
-    """A broker of this test's own, to pause with SIGSTOP (the session's is shared)."""
-    broker = embedded.start_broker(log_dir=tmp_path / "broker")
-    try:
-        yield broker
-    finally:
-        if broker.proc.poll() is None:
-            os.kill(broker.proc.pid, signal.SIGCONT)
-        broker.stop()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[embedded.Managed]:
-    """A redis-server of this test's own, to pause with SIGSTOP."""
-    server = embedded.start_redis()
-    try:
-        yield server
-    finally:
-        if server.proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
-
-
 async def held_and_refused(
     http: httpx.AsyncClient, url: str, bodies: list[bytes], held: int, headers: dict[str, str]
 ) -> tuple[list[asyncio.Task[httpx.Response]], list[httpx.Response]]:

@@ -52,29 +52,6 @@ def services() -> Iterator[list[Service]]:
         s.kill()
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[embedded.Managed]:
-    """A broker of this test's own, to pause with SIGSTOP (the session's is shared)."""
-    broker = embedded.start_broker(log_dir=tmp_path / "broker")
-    try:
-        yield broker
-    finally:
-        if broker.proc.poll() is None:
-            os.kill(broker.proc.pid, signal.SIGCONT)
-        broker.stop()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[embedded.Managed]:
-    server = embedded.start_redis()
-    try:
-        yield server
-    finally:
-        if server.proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
-
-
 def listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
