@@ -23,7 +23,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -33,7 +33,7 @@ from aiokafka.partitioner import murmur2
 
 from rtml.core import metrics
 from rtml.core.errors import DependencyUnavailable, RtmlError, UnprocessableRecord
-from rtml.core.schemas import SCHEMA_HEADER, SCHEMA_VERSION
+from rtml.core.schemas import SCHEMA_HEADER, SCHEMA_VERSION, schema_mismatch
 from rtml.core.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,9 @@ class Buffer(Protocol):
 class ConsumerLoop(Generic[T]):
     """A consumer-group member that decodes, handles and commits micro-batches.
 
+    - a record that carries another ``rtml-schema`` version than this code's is never decoded (it would be
+      misread): it goes to the dead-letter topic, or is skipped with ``foreign_schema="skip"`` (a consumer
+      that reads another consumer's topic, whose owner dead-letters it once);
     - a record that fails to decode (any exception) goes to the dead-letter topic;
     - the handler gets the decoded batch; if it raises a retriable error nothing is committed, the
       consumer seeks back to the batch start and retries with backoff (so a Redis outage pauses it);
@@ -377,6 +380,7 @@ class ConsumerLoop(Generic[T]):
         max_in_flight: int = 1,
         fetch_max_wait_ms: int | None = None,
         buffer: Buffer | None = None,
+        foreign_schema: Literal["dead_letter", "skip"] = "dead_letter",
     ) -> None:
         """``fetch_max_wait_ms`` overrides the setting for consumers that need no low latency: Tansu answers
         a fetch only when its wait is over, so a short wait is many requests a second even when idle."""
@@ -386,6 +390,7 @@ class ConsumerLoop(Generic[T]):
         self.name = name
         self._settings = settings
         self._decode = decode
+        self._dead_letter_foreign = foreign_schema == "dead_letter"
         self._handle = handle
         self._producer = producer
         self._max_records = max_records or k.max_poll_records
@@ -645,6 +650,11 @@ class ConsumerLoop(Generic[T]):
         decoded: list[Consumed[T]] = []
         for records in batches.values():
             for rec in records:
+                mismatch = schema_mismatch(rec.headers)
+                if mismatch is not None:
+                    if self._dead_letter_foreign:
+                        await self._producer.dead_letter(rec, f"UnprocessableRecord: {mismatch}")
+                    continue
                 try:
                     decoded.append(Consumed(rec, self._decode(rec)))
                 except Exception as exc:  # any record that cannot be decoded is a poison record

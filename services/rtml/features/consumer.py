@@ -9,9 +9,8 @@ from __future__ import annotations
 from aiokafka import ConsumerRecord
 
 from rtml.core import metrics
-from rtml.core.errors import UnprocessableRecord
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer
-from rtml.core.schemas import Event, schema_mismatch
+from rtml.core.schemas import Event
 from rtml.core.settings import Settings
 from rtml.features.store import FeatureStore
 
@@ -19,9 +18,6 @@ from rtml.features.store import FeatureStore
 def decode_event(record: ConsumerRecord) -> Event:
     if record.value is None:
         raise ValueError("empty record")
-    mismatch = schema_mismatch(record.headers)  # another version would be misread: dead-letter it instead
-    if mismatch is not None:
-        raise UnprocessableRecord(mismatch)
     return Event.model_validate_json(record.value)
 
 

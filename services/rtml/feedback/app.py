@@ -65,6 +65,7 @@ async def open_feedback(app: FastAPI, settings: Settings) -> AsyncIterator[dict[
             labels: ConsumerLoop[Seen] = ConsumerLoop(
                 settings, name="feedback-labels", topics=LABEL_TOPICS, group_id=LABEL_GROUP_ID, decode=rules.decode,
                 handle=rules.handle, producer=producer, fetch_max_wait_ms=100,
+                foreign_schema="skip",  # the join and features consumers dead-letter those records, once
             )  # fmt: skip
             loops.append(labels)
             checks["labels"] = labels.ready

@@ -4,8 +4,8 @@ Per batch: one pipelined round trip applies every record to its slot (``join.lua
 turns each slot into a decision, then the quality sums are updated and the examples published (acks=all)
 before the consumer loop commits the batch. Any retriable failure (Redis or Kafka down) makes the loop
 retry the whole batch; re-applying it is safe, see ``rtml.feedback.join`` for the delivery guarantees.
-Records that do not validate as ``PredictionLogged`` / ``Outcome`` (or carry another ``rtml-schema`` version)
-go to the dead-letter topic from ``decode`` (the consumer loop does that for any error raised there).
+Records that do not validate as ``PredictionLogged`` / ``Outcome`` go to the dead-letter topic from ``decode``
+(the consumer loop does that for any error raised there, and for another ``rtml-schema`` version before it).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rtml.core.config import load_config
 from rtml.core.errors import UnprocessableRecord
 from rtml.core.kafka import Consumed, Producer, encode
 from rtml.core.redis import Keys, Redis
-from rtml.core.schemas import Outcome, PredictionLogged, schema_mismatch
+from rtml.core.schemas import Outcome, PredictionLogged
 from rtml.core.settings import Settings
 from rtml.feedback import quality
 from rtml.feedback.join import (
@@ -92,12 +92,9 @@ class Joiner:
 
     def decode(self, record: ConsumerRecord) -> Incoming:
         """Validate a record; any error here sends it to the dead-letter topic with the reason (a null value,
-        another ``rtml-schema`` version, not JSON, not the topic's shape, a NaN or infinity, out of bounds)."""
+        not JSON, not the topic's shape, a NaN or infinity, out of bounds)."""
         if record.value is None:
             raise UnprocessableRecord("empty record value")
-        mismatch = schema_mismatch(record.headers)
-        if mismatch is not None:
-            raise UnprocessableRecord(mismatch)
         value = bytes(record.value)
         if record.topic == self._predictions:
             p = PredictionLogged.model_validate_json(value)

@@ -188,8 +188,8 @@ def decode_example(record: ConsumerRecord) -> Example:
     """An ``Example`` from an ``examples`` record, else ``UnprocessableRecord`` naming what is wrong."""
     if record.value is None:
         raise UnprocessableRecord("empty record value")
-    mismatch = schema_mismatch(record.headers)
-    if mismatch is not None:
+    mismatch = schema_mismatch(record.headers)  # checked here too: the topic reader (train --from-topic) is no
+    if mismatch is not None:  # ConsumerLoop
         raise UnprocessableRecord(mismatch)
     try:
         return Example.model_validate_json(bytes(record.value))

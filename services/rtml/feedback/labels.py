@@ -44,7 +44,7 @@ from rtml.core import metrics
 from rtml.core.config import LabelRule, PlatformConfig
 from rtml.core.kafka import Consumed, Producer, encode
 from rtml.core.redis import Call, Keys, Redis, Scripts, script_source, text
-from rtml.core.schemas import MAX_ID, Outcome, schema_mismatch
+from rtml.core.schemas import MAX_ID, Outcome
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 
@@ -205,7 +205,7 @@ class LabelRules:
     # -- the consumer ------------------------------------------------------------------------------------
     def decode(self, record: ConsumerRecord) -> Seen:
         """What a record means for the rules; None for anything no rule cares about or cannot read."""
-        if record.value is None or schema_mismatch(record.headers) is not None:
+        if record.value is None:
             return None
         try:
             doc = orjson.loads(record.value)

@@ -47,7 +47,6 @@ from rtml.core.errors import (
 )
 from rtml.core.kafka import Producer
 from rtml.core.redis import Keys, Redis, connect, guarded, run_pipeline, text
-from rtml.core.schemas import schema_mismatch
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.serving.inference.session import build_model
@@ -272,12 +271,10 @@ ANNOUNCEMENTS = frozenset({"promoted", "rolled_back", "rollout_started", "rollou
 def decode_announcement(record: Any) -> dict[str, Any]:
     """A record of the ``models`` topic as ``ModelRegistry._announce`` writes it (a JSON object with ``model``,
     ``version`` and a known ``event``), else ``UnprocessableRecord`` naming what is wrong: the consumer loop
-    dead-letters it with that reason. ``record`` is an aiokafka ``ConsumerRecord``."""
+    dead-letters it with that reason (another ``rtml-schema`` version it refuses before, as for every topic).
+    ``record`` is an aiokafka ``ConsumerRecord``."""
     if record.value is None:
         raise UnprocessableRecord("empty record value")
-    mismatch = schema_mismatch(record.headers)
-    if mismatch is not None:
-        raise UnprocessableRecord(mismatch)
     try:
         doc = orjson.loads(record.value)
     except orjson.JSONDecodeError as exc:
