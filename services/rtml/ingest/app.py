@@ -6,13 +6,12 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-import orjson
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from rtml.core import metrics
-from rtml.core.app import ReadinessCheck, build_app
-from rtml.core.errors import Overloaded, RtmlError
+from rtml.core.app import ReadinessCheck, build_app, error_response
+from rtml.core.errors import RtmlError
 from rtml.core.kafka import Producer
 from rtml.core.settings import Settings
 from rtml.ingest.routes import Admission, router
@@ -34,7 +33,7 @@ class IngestApp(FastAPI):
         if scope["type"] == "http" and scope["path"] == EVENTS_PATH and scope["method"] == "POST":
             admission: Admission = self.state.admission
             if admission.full and self._authorized(scope):
-                await self._refuse(admission, send)
+                await self._refuse(admission, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -49,15 +48,10 @@ class IngestApp(FastAPI):
             return False
         return True
 
-    async def _refuse(self, admission: Admission, send: Send) -> None:
+    async def _refuse(self, admission: Admission, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        metrics.INGEST_SHED.inc()
-        exc = Overloaded(f"more than {admission.max_in_flight} ingest requests in flight; retry shortly")
-        body = orjson.dumps(exc.to_body())
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        exc = admission.refusal()
+        await error_response(exc)(scope, receive, send)
         metrics.HTTP_REQUEST_SECONDS.labels("ingest", EVENTS_PATH, "POST").observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels("ingest", EVENTS_PATH, "POST", str(exc.status)).inc()
 

@@ -40,10 +40,14 @@ class Admission:
     def full(self) -> bool:
         return self.in_flight >= self.max_in_flight
 
+    def refusal(self) -> Overloaded:
+        """The 503 for a request that finds the process full, counted as shed."""
+        metrics.INGEST_SHED.inc()
+        return Overloaded(f"more than {self.max_in_flight} ingest requests in flight; retry shortly")
+
     def enter(self) -> None:
         if self.full:
-            metrics.INGEST_SHED.inc()
-            raise Overloaded(f"more than {self.max_in_flight} ingest requests in flight; retry shortly")
+            raise self.refusal()
         self.in_flight += 1
         metrics.INGEST_IN_FLIGHT.set(self.in_flight)
 
