@@ -450,11 +450,11 @@ class ModelRegistry:
         log.info("registered model %s version %s (%d bytes)", name, version, len(onnx_bytes))
         return version
 
-    async def _no_version(self, name: str, version: str | None) -> NotFound:
-        """The 404 for a version that does not exist: "unknown model" when the model has no version at all."""
+    async def _unknown_model(self, name: str) -> NotFound | None:
+        """The 404 for a model with no version at all (say "unknown model", not "no such version"), else None."""
         if not await guarded(self.redis.zcard(self._k(name, "versions")), "model versions"):
             return NotFound(f"unknown model {name!r}: no version of it was ever registered")
-        return NotFound(f"model {name!r} has no version {version!r}")
+        return None
 
     async def _transaction(self, build: Any) -> list[Any]:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -473,7 +473,7 @@ class ModelRegistry:
                 self._k(name, "rollout")]  # fmt: skip
         ok, ended = await guarded(self._promote(keys=keys, args=[version, HISTORY_MAX]), "model promote")
         if not int(ok):
-            raise await self._no_version(name, version)
+            raise await self._unknown_model(name) or NotFound(f"model {name!r} has no version {version!r}")
         log.info("promoted model %s version %s", name, version)
         await self._announce(name, version, "promoted", producer, by)
         if _text(ended):
@@ -487,12 +487,8 @@ class ModelRegistry:
         keys = [self._k(name, "live"), self._k(name, "history"), self._k(name, "rollout")]
         got = await guarded(self._rollback(keys=keys, args=[]), "model rollback")
         if not got:
-            unknown = await self._no_version(name, None)
-            raise (
-                unknown
-                if unknown.message.startswith("unknown")
-                else NotFound(f"model {name!r} has no earlier live version to roll back to")
-            )
+            earlier = NotFound(f"model {name!r} has no earlier live version to roll back to")
+            raise await self._unknown_model(name) or earlier
         previous, ended = _text(got[0]) or "", _text(got[1])
         log.info("rolled model %s back to version %s", name, previous)
         await self._announce(name, previous, "rolled_back", producer, by)
@@ -531,7 +527,7 @@ class ModelRegistry:
         got = [_text(x) or "" for x in await guarded(self._start_rollout(keys=keys, args=args), "rollout start")]
         outcome = got[0]
         if outcome == "unknown":
-            raise await self._no_version(name, version)
+            raise await self._unknown_model(name) or NotFound(f"model {name!r} has no version {version!r}")
         if outcome == "live":
             raise InvalidInput(f"version {version!r} of model {name!r} is the live one: a candidate must differ")
         if outcome == "nolive":
