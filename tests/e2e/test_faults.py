@@ -30,8 +30,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -53,6 +51,7 @@ from rtml.core.kafka import Producer, create_topics
 from rtml.core.schemas import Event
 from rtml.core.settings import SERVICES, Settings
 from rtml.serving.registry import train_and_register
+from tests.e2e.procs import Service
 from tests.helpers import eventually
 from tests.reference import CONFIG_YAML, EventMaker, assert_converges
 
@@ -76,48 +75,6 @@ READY_S = 90.0
 
 
 # -- processes ------------------------------------------------------------------------------------------
-
-
-class Service:
-    """``rtml serve NAME`` as a process of its own, on a fixed port so it can be started again after a kill."""
-
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.env = env
-        self.url = f"http://127.0.0.1:{env[f'RTML_{name.upper()}_PORT']}"
-        self.log = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rtml.cli.main", "serve", self.name],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
 @dataclass
@@ -435,7 +392,7 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
     )
     await create_topics(settings)
     await train_and_register(settings, "ctr")
-    services = {name: Service(name, env, tmp_path) for name in SERVICES}
+    services = {name: Service(name, env, tmp_path, start=False) for name in SERVICES}
     for s in services.values():
         s.start()
     timings: dict[str, float] = {}

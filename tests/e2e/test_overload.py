@@ -31,7 +31,7 @@ from rtml.bench.rawhttp import build_request
 from rtml.core import embedded
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
-from tests.e2e.overload_shutdown_procs import DelayProxy, Service, env_of, start_broker_behind
+from tests.e2e.procs import DelayProxy, Service, env_of, start_broker_behind
 from tests.helpers import error_of, eventually
 from tests.integration.test_serving import expected_score, register
 

@@ -1,5 +1,5 @@
-"""Shared by the overload and shutdown tests: ``rtml serve NAME`` as a real process, its metrics and RSS, and
-a whole-topic read. (Not a test module: pytest collects only ``test_*.py``.)"""
+"""Shared by the fault, overload and shutdown tests: ``rtml serve NAME`` as a real process, its metrics and RSS,
+and a whole-topic read. (Not a test module: pytest collects only ``test_*.py``.)"""
 
 from __future__ import annotations
 
@@ -39,16 +39,20 @@ def env_of(s: Settings, **extra: str) -> dict[str, str]:
 
 
 class Service:
-    """One ``rtml serve NAME`` process on a free port (kept across restarts), its output in ``log``."""
+    """One ``rtml serve NAME`` process on its port (``RTML_<NAME>_PORT`` in ``env``, else a free one; kept across
+    restarts, so it can be started again after a kill), its output in ``log``. Started at once unless ``start``
+    is False."""
 
-    def __init__(self, name: ServiceName, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: ServiceName, env: dict[str, str], log_dir: Path, *, start: bool = True) -> None:
         self.name = name
-        self.port = free_port()
-        self.env = {**os.environ, **env, f"RTML_{name.upper()}_PORT": str(self.port)}
+        port_var = f"RTML_{name.upper()}_PORT"
+        self.port = int(env[port_var]) if port_var in env else free_port()
+        self.env = {**os.environ, **env, port_var: str(self.port)}
         self.log = log_dir / f"{name}.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        if start:
+            self.start()
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -62,8 +66,11 @@ class Service:
         assert self.proc is not None
         return self.proc.pid
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
     def wait_ready(self, timeout: float = 90) -> None:
         assert self.proc is not None
@@ -92,6 +99,16 @@ class Service:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM if it still runs, SIGKILL after ``timeout`` s (clean-up: a hang does not fail)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
     def rss_bytes(self) -> int:
         """Resident set size of the service process, from /proc (Linux)."""
