@@ -25,7 +25,7 @@ from rtml.core.config import load_config
 from rtml.core.kafka import create_topics
 from rtml.core.schemas import Event
 from rtml.core.settings import Settings
-from tests.e2e.overload_shutdown_procs import Service, env_of, read_topic
+from tests.e2e.procs import Service, env_of, read_topic
 from tests.helpers import eventually
 from tests.integration.test_features_processes import CONFIG_YAML, assert_converges, make_events, publish
 from tests.integration.test_serving import register
@@ -120,7 +120,15 @@ async def test_sigterm_lets_a_prediction_in_flight_finish_and_flushes_the_predic
         assert {r.status_code for r in answered} == {200}
         os.kill(own_redis.proc.pid, signal.SIGSTOP)
         try:
-            held = asyncio.create_task(http.post(url, json={"entities": {"user_id": "held"}}, headers=hold))
+
+            async def held_predict() -> httpx.Response:
+                # a probe may hold the one slot for its 1 ms when this arrives: refused, it comes again
+                while True:
+                    r = await http.post(url, json={"entities": {"user_id": "held"}}, headers=hold)
+                    if r.status_code != 503:
+                        return r
+
+            held = asyncio.create_task(held_predict())
 
             async def in_flight() -> None:
                 # admitted before the held one arrived, a probe answers degraded within its 1 ms budget (and is
