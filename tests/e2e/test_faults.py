@@ -570,6 +570,20 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
             s.stop()
 
 
+def wait_stopped(pid: int, timeout_s: float = 10.0) -> None:
+    """Until every thread of ``pid`` is stopped (state T): SIGSTOP is delivered asynchronously, and on a
+    loaded box the broker may still answer a request or two after ``os.kill`` returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {
+            (Path(t) / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()
+        }
+        if states <= {"T", "t"}:
+            return
+        assert time.monotonic() < deadline, f"process {pid} not stopped after {timeout_s} s: {states}"
+        time.sleep(0.01)
+
+
 async def test_a_publish_refused_while_the_broker_is_frozen_is_not_sent_later(infra: Infra) -> None:
     """Callers that got 503 (publish timeout) while the broker was frozen: their records do not wait in the
     producer's queue to go out once it is back (a client retrying every second during an outage would otherwise
@@ -584,6 +598,7 @@ async def test_a_publish_refused_while_the_broker_is_frozen_is_not_sent_later(in
         await producer.send_many("events", [(b"k", b'"before"')])
         os.kill(infra.broker.proc.pid, signal.SIGSTOP)
         try:
+            await asyncio.to_thread(wait_stopped, infra.broker.proc.pid)  # a signal is not a stop, yet
             for i in range(refused):
                 with pytest.raises(DependencyUnavailable):
                     await producer.send_many("events", [(b"k", b'"refused-%d"' % i)])

@@ -133,12 +133,22 @@ def test_two_workers_count_every_request_once(env: dict[str, str], tmp_path: Pat
         deadline = time.monotonic() + 30
         while len(worker_pids(metrics_dir)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        first, second = sorted(worker_pids(metrics_dir))
+        assert len(worker_pids(metrics_dir)) == 2
 
         # each worker answers a known share: the other one is stopped and cannot accept meanwhile
         total = 0
-        for stopped, n in ((second, 7), (first, 5), (second, 4)):
-            os.kill(stopped, signal.SIGSTOP)
+        for turn, n in enumerate((7, 5, 4)):
+            # two live workers to choose from: a worker stopped in an earlier turn may have been replaced
+            deadline = time.monotonic() + 60
+            while len(live := sorted(p for p in worker_pids(metrics_dir) if alive(p))) < 2:
+                assert time.monotonic() < deadline, "uvicorn did not bring back a second worker"
+                time.sleep(0.2)
+            stopped = live[(turn + 1) % 2]
+            try:
+                os.kill(stopped, signal.SIGSTOP)
+            except ProcessLookupError:  # gone between the check and the signal: its counts stay, stop the other
+                stopped = live[turn % 2]
+                os.kill(stopped, signal.SIGSTOP)
             try:
                 post(url, n, f"s{stopped}-")
             finally:
