@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -13,6 +14,36 @@ import uvicorn
 from fastapi import FastAPI
 
 T = TypeVar("T")
+LOOP_CHUNK_S = 0.03  # how long hold_up_loop blocks the loop at a time
+
+
+def spin_cpu(seconds: float) -> None:
+    """CPU work in this thread for ``seconds`` of its CPU time (the loop's thread, when called from a test)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def hold_up_loop(
+    lag: Any, total_s: float, block: Callable[[float], None] = spin_cpu, chunk_s: float = LOOP_CHUNK_S
+) -> list[bool]:
+    """Block the running loop ``chunk_s`` at a time for ``total_s`` (by default with CPU work), letting it turn
+    once between chunks so the lag detector's overdue tick runs; its verdict (``lag.overloaded``) after each."""
+    verdicts = []
+    end = time.monotonic() + total_s
+    while time.monotonic() < end:
+        block(chunk_s)
+        await asyncio.sleep(0)
+        verdicts.append(bool(lag.overloaded))
+    return verdicts
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (letting the loop run) until ``condition()`` is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 from rtml.ingest.app import create_app
 from rtml.ingest.routes import Admission
-from tests.helpers import error_of, running
+from tests.helpers import error_of, hold_up_loop, running, until
 
 pytestmark = pytest.mark.integration
 
@@ -51,3 +51,28 @@ async def test_a_full_process_refuses_authorized_callers_with_503_and_others_wit
         again = await client.post("/v1/events", json=event, headers={"Authorization": "Bearer ik"})
         assert again.status_code == 202  # room again: admitted
         assert admission.in_flight == 0 and admission.pending_events == 0
+
+
+async def test_while_the_process_is_behind_on_its_own_cpu_work_events_are_refused_at_once(make_settings: Any) -> None:
+    # CPU-bound overload (rtml.core.looplag): nothing in flight, the loop itself behind; the CPU share asked for
+    # is lowered so a busy machine still counts
+    s: Settings = make_settings(api_keys=KEYS, max_loop_lag_ms=5.0)
+    await create_topics(s)
+    app = create_app(s)
+    event = {"type": "view", "user_id": "u-cpu"}
+    auth = {"Authorization": "Bearer ik"}
+    async with running(app) as client:
+        assert (await client.post("/v1/events", json=event, headers=auth)).status_code == 202
+        before = shed((await client.get("/metrics")).text)
+        app.state.loop_lag.min_busy = 0.2
+        assert (await hold_up_loop(app.state.loop_lag, 0.5))[-1] is True
+        refused = await client.post("/v1/events", json=event, headers=auth)
+        unauthorized = await client.post("/v1/events", json=event)
+        assert refused.status_code == 503 and error_of(refused)["code"] == "overloaded"
+        assert "behind" in error_of(refused)["message"] and refused.headers["Retry-After"] == "1"
+        assert unauthorized.status_code == 401  # a caller without a key gets its 401, overloaded or not
+
+        await until(lambda: not app.state.loop_lag.overloaded)
+        assert (await client.post("/v1/events", json=event, headers=auth)).status_code == 202
+        assert shed((await client.get("/metrics")).text) == before + 1
+        assert app.state.admission.in_flight == 0

@@ -15,7 +15,7 @@ import pytest
 from rtml.core.redis import connect
 from rtml.core.settings import Settings
 from rtml.serving.app import create_app
-from tests.helpers import error_of, eventually, running
+from tests.helpers import error_of, eventually, hold_up_loop, running, until
 from tests.integration.test_serving import expected_score, register
 
 pytestmark = pytest.mark.integration
@@ -121,3 +121,39 @@ async def test_a_promotion_is_picked_up_from_the_models_topic_without_polling(se
             assert (await replica.post("/v1/predict", json=payload)).json()["version"] == v2
 
         await eventually(serves_v2, timeout=15)  # (the group join on a fresh consumer takes a few seconds)
+
+
+ROUTES = ("/v1/predict", "/v1/recommend")
+
+
+def shed(text: str, route: str) -> float:
+    line = next((x for x in text.splitlines() if x.startswith(f'rtml_serving_shed_total{{route="{route}"}} ')), None)
+    return 0.0 if line is None else float(line.split()[1])
+
+
+async def test_while_the_process_is_behind_on_its_own_cpu_work_requests_are_refused_at_once(
+    settings: Settings,
+) -> None:
+    # CPU-bound overload: nothing is in flight, the loop itself is behind (rtml.core.looplag). The test spins
+    # the CPU in the app's own loop; the CPU share asked for is lowered so a busy machine still counts.
+    s = settings.model_copy(update={"max_loop_lag_ms": 5.0, "model_poll_interval_s": 3600.0})
+    await register(s)
+    payload = {"entities": {"user_id": "cpu", "item_id": "t1"}}
+    app = create_app(s)
+    async with running(app) as client:
+        assert (await client.post("/v1/predict", json=payload)).status_code == 200
+        before = [shed((await client.get("/metrics")).text, r) for r in ROUTES]
+        app.state.loop_lag.min_busy = 0.2
+        assert (await hold_up_loop(app.state.loop_lag, 0.5))[-1] is True
+        refused = await client.post("/v1/predict", json=payload)
+        rec = await client.post("/v1/recommend", json={"user_id": "cpu", "candidates": ["a"], "k": 1})
+        assert refused.status_code == 503 and error_of(refused)["code"] == "overloaded"
+        assert "behind" in error_of(refused)["message"] and refused.headers["Retry-After"] == "1"
+        assert rec.status_code == 503 and error_of(rec)["code"] == "overloaded"
+
+        await until(lambda: not app.state.loop_lag.overloaded)  # caught up
+        again = await client.post("/v1/predict", json=payload)
+        assert again.status_code == 200 and again.json()["degraded"] is False
+        metrics = (await client.get("/metrics")).text
+        assert [shed(metrics, r) for r in ROUTES] == [b + 1 for b in before]  # each refusal counted, once
+        assert "rtml_event_loop_lag_seconds " in metrics and "rtml_event_loop_busy_ratio " in metrics

@@ -30,6 +30,7 @@ from rtml.core import metrics
 from rtml.core.auth import ApiKeys
 from rtml.core.auth import Scope as AuthScope
 from rtml.core.errors import MAX_DETAILS, DependencyUnavailable, PayloadTooLarge, RtmlError
+from rtml.core.looplag import LoopLag
 from rtml.core.settings import ServiceName, Settings
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,11 @@ def build_app(
                 # hundred objects, so the default collected every couple of requests, on the request path.
                 gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
                 metrics.watch_gc()
-                yield
+                app.state.loop_lag.start()
+                try:
+                    yield
+                finally:
+                    await app.state.loop_lag.stop()
         finally:
             metrics.process_exited()  # several workers: this one's "live" gauges stop counting
 
@@ -193,6 +198,7 @@ def build_app(
     app.state.settings = settings
     app.state.api_keys = api_keys
     app.state.checks = {}
+    app.state.loop_lag = LoopLag(settings.max_loop_lag_ms / 1000)
 
     @app.exception_handler(RtmlError)
     async def _rtml_error(request: Request, exc: RtmlError) -> JSONBytes:

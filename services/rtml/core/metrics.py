@@ -52,6 +52,18 @@ HTTP_REQUESTS = Counter(
     "rtml_http_requests_total", "HTTP requests by service, route and status.", ["service", "route", "method", "status"]
 )
 
+# every service's event loop (rtml.core.looplag): what overload of the process itself looks like
+EVENT_LOOP_LAG = Gauge(
+    "rtml_event_loop_lag_seconds",
+    "How late a timer due every 5 ms ran last: the backlog of work the process has not got to yet.",
+    multiprocess_mode="livemax",
+)
+EVENT_LOOP_BUSY = Gauge(
+    "rtml_event_loop_busy_ratio",
+    "Share of recent time the event loop's thread spent on the CPU (decaying average, half-life 50 ms).",
+    multiprocess_mode="livemax",
+)
+
 # Kafka
 KAFKA_PUBLISHED = Counter("rtml_kafka_published_total", "Records acknowledged by the broker.", ["topic"])
 KAFKA_PUBLISH_ERRORS = Counter("rtml_kafka_publish_errors_total", "Publishes the broker did not ack.", ["topic"])
@@ -84,7 +96,8 @@ INGEST_REJECTED = Counter("rtml_ingest_events_rejected_total", "Events rejected 
 INGEST_BYTES = Counter("rtml_ingest_bytes_total", "Request body bytes received on /v1/events.")
 INGEST_SHED = Counter(
     "rtml_ingest_shed_total",
-    "POST /v1/events requests refused at once (503) because too many requests or events were in flight.",
+    "POST /v1/events requests refused at once (503): too many requests or events in flight, or the event "
+    "loop too far behind.",
 )
 INGEST_IN_FLIGHT = Gauge(
     "rtml_ingest_in_flight_requests", "POST /v1/events requests being handled.", multiprocess_mode="livesum"
@@ -114,7 +127,9 @@ REDIS_SECONDS = Histogram(
 # serving
 PREDICTIONS = Counter("rtml_predictions_total", "Predictions by model and version.", ["model", "version"])
 SERVING_SHED = Counter(
-    "rtml_serving_shed_total", "Requests refused at once (503) because too many were in flight.", ["route"]
+    "rtml_serving_shed_total",
+    "Requests refused at once (503): too many in flight, or the event loop too far behind.",
+    ["route"],
 )
 SERVING_DEADLINE_EXCEEDED = Counter(
     "rtml_serving_deadline_exceeded_total", "Feature reads abandoned at the request deadline.", ["model"]

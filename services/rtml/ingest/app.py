@@ -66,6 +66,8 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
 def create_app(settings: Settings) -> IngestApp:
     app = build_app("ingest", settings, _open, app_class=IngestApp)
     assert isinstance(app, IngestApp)
-    app.state.admission = Admission(settings.ingest_max_in_flight, settings.ingest_max_pending_events)
+    app.state.admission = Admission(
+        settings.ingest_max_in_flight, settings.ingest_max_pending_events, app.state.loop_lag
+    )
     app.include_router(router)
     return app

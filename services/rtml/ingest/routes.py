@@ -19,6 +19,7 @@ from rtml.core import metrics
 from rtml.core.app import require
 from rtml.core.errors import BadRequest, Overloaded
 from rtml.core.kafka import Producer
+from rtml.core.looplag import LoopLag
 from rtml.core.schemas import EventIn
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
@@ -28,22 +29,26 @@ router = APIRouter(prefix="/v1", tags=["ingest"])
 
 
 class Admission:
-    """The in-flight counts of one ingest process (one event loop: plain integers, no lock)."""
+    """The in-flight counts of one ingest process (one event loop: plain integers, no lock), and its loop's lag
+    (``rtml.core.looplag``: the process is behind on its own work when the CPU is the bottleneck)."""
 
-    def __init__(self, max_in_flight: int, max_pending_events: int) -> None:
+    def __init__(self, max_in_flight: int, max_pending_events: int, lag: LoopLag | None = None) -> None:
         self.max_in_flight = max_in_flight
         self.max_pending_events = max_pending_events
+        self.lag = lag or LoopLag(0)
         self.in_flight = 0
         self.pending_events = 0
 
     @property
     def full(self) -> bool:
-        return self.in_flight >= self.max_in_flight
+        return self.in_flight >= self.max_in_flight or self.lag.overloaded
 
     def refusal(self) -> Overloaded:
         """The 503 for a request that finds the process full, counted as shed."""
         metrics.INGEST_SHED.inc()
-        return Overloaded(f"more than {self.max_in_flight} ingest requests in flight; retry shortly")
+        if self.in_flight >= self.max_in_flight:
+            return Overloaded(f"more than {self.max_in_flight} ingest requests in flight; retry shortly")
+        return Overloaded(f"this process is {self.lag.behind_ms()} ms behind on its work; retry shortly")
 
     def enter(self) -> None:
         if self.full:

@@ -15,8 +15,9 @@ Admission, for web apps that would rather have a fast fallback than a slow answe
 - **Deadline.** ``X-Request-Timeout-Ms`` (else ``RTML_PREDICT_TIMEOUT_MS``) sets when the request must be
   answered. The feature read gets what is left of it; when Redis is slower, the read is abandoned and the
   model scores with defaults, ``degraded: true`` (see ``Predictor``).
-- **Shedding.** Past ``RTML_PREDICT_MAX_IN_FLIGHT`` requests in this process, the next one is answered 503
-  with ``Retry-After`` at once instead of queueing into everyone's timeouts.
+- **Shedding.** Past ``RTML_PREDICT_MAX_IN_FLIGHT`` requests in this process, or while its event loop runs
+  ``RTML_MAX_LOOP_LAG_MS`` behind on its own work (``rtml.core.looplag``: the CPU is the bottleneck), the next
+  one is answered 503 with ``Retry-After`` at once instead of queueing into everyone's timeouts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from rtml.core import metrics
 from rtml.core.app import invalid_body
 from rtml.core.auth import ApiKeys
 from rtml.core.errors import BadRequest, Overloaded, PayloadTooLarge, RtmlError
+from rtml.core.looplag import LoopLag
 from rtml.serving.predict import Predictor
 from rtml.serving.routes import PredictRequest, RecommendRequest, answer_predict, answer_recommend
 
@@ -84,6 +86,7 @@ class FastPath:
         self.max_in_flight: int = settings.predict_max_in_flight
         self.default_timeout_s: float = settings.predict_timeout_ms / 1000
         self.in_flight = 0
+        self.lag: LoopLag = state.loop_lag
         self.routes = {
             "/v1/predict": _Route("/v1/predict", PredictRequest, answer_predict),
             "/v1/recommend": _Route("/v1/recommend", RecommendRequest, answer_recommend),
@@ -118,6 +121,9 @@ class FastPath:
             if self.in_flight >= self.max_in_flight:
                 self._shed[route.path].inc()
                 raise Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
+            if self.lag.overloaded:
+                self._shed[route.path].inc()
+                raise Overloaded(f"this process is {self.lag.behind_ms()} ms behind on its work; retry shortly")
             deadline = asyncio.get_running_loop().time() + (
                 self.default_timeout_s if timeout is None else _timeout_s(timeout)
             )

@@ -1,0 +1,92 @@
+"""How far behind its event loop a process runs, and whether that is overload of its own: the signal the
+in-flight limits cannot see.
+
+Why. ``RTML_PREDICT_MAX_IN_FLIGHT`` and ``RTML_INGEST_MAX_IN_FLIGHT`` count requests a process has started.
+When a dependency is slow those pile up and the limit refuses the excess at once. When the process's own CPU is
+the bottleneck, requests wait *before* that count sees them: in socket buffers and in the loop's queue of ready
+callbacks. The count stays low while callers wait hundreds of milliseconds (measured at twice serving's capacity:
+refusals p99 594 ms, admitted p99 8 s; docs/reliability.md). Every request waits behind that backlog, a
+refusal included, so a refusal is only fast while the backlog is short.
+
+How. A timer that should fire every ``INTERVAL_S`` fires late by as long as the loop is behind. While the loop is
+``max_lag_s`` behind (by the last tick, or because the next tick is already that overdue) *and* the loop's thread
+spent most of the recent past on the CPU, new requests are refused (503 + Retry-After). A refusal costs a
+fraction of an answer, so the backlog drains within a few loop turns and admission resumes: the process keeps
+answering about as much as its CPU allows, and the rest is refused within about ``max_lag_s``.
+
+The CPU condition tells overload of this process from a loop that is late because the machine did not run it
+(another process had the core, a container's CPU quota ran out, a model loading in a worker thread held the
+GIL): refusing then would not shorten anything, so it does not. The same idea as Node's toobusy (loop lag) with
+the overload test of Envoy's overload manager (resource pressure of the process itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+
+from rtml.core import metrics
+
+INTERVAL_S = 0.005  # a tick every 5 ms: 200 wake-ups per second, a few microseconds each
+BUSY_HALF_LIFE_S = 0.05  # the loop thread's CPU share is averaged over about this long
+MIN_BUSY = 0.7  # refuse only while the loop's thread ran at least this share of the time
+
+
+class LoopLag:
+    """The lag of the running event loop, sampled by a timer task (``start``/``stop`` inside the loop).
+
+    ``max_lag_s`` 0 turns refusing off (the lag is still measured and exported)."""
+
+    def __init__(self, max_lag_s: float, interval_s: float = INTERVAL_S, min_busy: float = MIN_BUSY) -> None:
+        self.max_lag_s = max_lag_s
+        self.interval_s = interval_s
+        self.min_busy = min_busy
+        self.lag_s = 0.0  # how late the last tick ran
+        self.busy = 0.0  # the loop thread's recent share of CPU time (0..1, decaying average)
+        self._due = math.inf  # when the next tick should run (time.monotonic)
+        self.record: list[float] | None = None  # when a list: every tick's lag is appended (benchmarks)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether a new request should be refused now: the loop is behind and it is this process's own work."""
+        if self.max_lag_s <= 0 or self.busy < self.min_busy:
+            return False
+        return self.lag_s >= self.max_lag_s or time.monotonic() - self._due >= self.max_lag_s
+
+    def behind_ms(self) -> int:
+        """How far behind the loop is now, in whole ms (for the refusal's message)."""
+        return round(1000 * max(self.lag_s, time.monotonic() - self._due))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._due, self.lag_s = math.inf, 0.0  # nothing measures it any more: never refuse on a stale value
+
+    async def _run(self) -> None:
+        wall, cpu = time.monotonic(), time.thread_time()  # the loop's own thread: the one a backlog waits for
+        gauge_lag, gauge_busy = metrics.EVENT_LOOP_LAG, metrics.EVENT_LOOP_BUSY
+        while True:
+            self._due = wall + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            now, now_cpu = time.monotonic(), time.thread_time()
+            elapsed = now - wall
+            self.lag_s = max(0.0, now - self._due)
+            if self.record is not None:
+                self.record.append(self.lag_s)
+            if elapsed > 0:
+                share = min(1.0, (now_cpu - cpu) / elapsed)
+                weight = 1.0 - 0.5 ** (elapsed / BUSY_HALF_LIFE_S)
+                self.busy += weight * (share - self.busy)
+            wall, cpu = now, now_cpu
+            gauge_lag.set(self.lag_s)
+            gauge_busy.set(self.busy)
