@@ -38,6 +38,27 @@ async def hold_up_loop(
     return verdicts
 
 
+@contextlib.asynccontextmanager
+async def loop_held_up(lag: Any, chunk_s: float = LOOP_CHUNK_S) -> AsyncIterator[None]:
+    """CPU work in the running loop, ``chunk_s`` at a time, for as long as the block runs (a task taking turns
+    with the block's own awaits, so a request made in the block meets a loop that is behind). Enters once the
+    lag detector says overloaded."""
+    stop = asyncio.Event()
+
+    async def spin() -> None:
+        while not stop.is_set():
+            spin_cpu(chunk_s)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(spin())
+    try:
+        await until(lambda: bool(lag.overloaded), timeout=10.0)
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait (letting the loop run) until ``condition()`` is true; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import pytest
 from rtml.core.redis import connect
 from rtml.core.settings import Settings
 from rtml.serving.app import create_app
-from tests.helpers import error_of, eventually, hold_up_loop, running, until
+from tests.helpers import error_of, eventually, loop_held_up, running, until
 from tests.integration.test_serving import expected_score, register
 
 pytestmark = pytest.mark.integration
@@ -144,9 +144,9 @@ async def test_while_the_process_is_behind_on_its_own_cpu_work_requests_are_refu
         assert (await client.post("/v1/predict", json=payload)).status_code == 200
         before = [shed((await client.get("/metrics")).text, r) for r in ROUTES]
         app.state.loop_lag.min_busy = 0.2
-        assert (await hold_up_loop(app.state.loop_lag, 0.5))[-1] is True
-        refused = await client.post("/v1/predict", json=payload)
-        rec = await client.post("/v1/recommend", json={"user_id": "cpu", "candidates": ["a"], "k": 1})
+        async with loop_held_up(app.state.loop_lag):
+            refused = await client.post("/v1/predict", json=payload)
+            rec = await client.post("/v1/recommend", json={"user_id": "cpu", "candidates": ["a"], "k": 1})
         assert refused.status_code == 503 and error_of(refused)["code"] == "overloaded"
         assert "behind" in error_of(refused)["message"] and refused.headers["Retry-After"] == "1"
         assert rec.status_code == 503 and error_of(rec)["code"] == "overloaded"

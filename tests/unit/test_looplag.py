@@ -35,6 +35,22 @@ async def test_a_loop_behind_on_its_own_cpu_work_is_overloaded_until_it_catches_
         await lag.stop()
 
 
+async def test_one_long_callback_without_a_backlog_behind_it_is_not_overload() -> None:
+    # a 10,000-event batch or a garbage collection: one tick late, then the loop is on time again
+    lag = LoopLag(0.02, min_busy=0.0)  # 20 ms: the check below comes well within it after the tick
+    lag.start()
+    try:
+        await asyncio.sleep(0.05)
+        spin_cpu(0.15)
+        await asyncio.sleep(0.001)  # one turn for the overdue tick, then this
+        assert lag.lag_s >= 0.1 and lag.late_ticks == 1  # the tick saw the stall ...
+        assert not lag.overloaded  # ... but nothing queued behind it keeps the loop late
+        await asyncio.sleep(0.03)
+        assert lag.late_ticks == 0 and not lag.overloaded
+    finally:
+        await lag.stop()
+
+
 async def test_a_loop_late_because_its_thread_did_not_run_is_not_overloaded() -> None:
     # a blocking sleep stands for the machine not running the process (another process had the core, a CPU
     # quota ran out): refusing would not shorten anything

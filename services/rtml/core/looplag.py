@@ -9,10 +9,14 @@ refusals p99 594 ms, admitted p99 8 s; docs/reliability.md). Every request waits
 refusal included, so a refusal is only fast while the backlog is short.
 
 How. A timer that should fire every ``INTERVAL_S`` fires late by as long as the loop is behind. While the loop is
-``max_lag_s`` behind (by the last tick, or because the next tick is already that overdue) *and* the loop's thread
-spent most of the recent past on the CPU, new requests are refused (503 + Retry-After). A refusal costs a
-fraction of an answer, so the backlog drains within a few loop turns and admission resumes: the process keeps
-answering about as much as its CPU allows, and the rest is refused within about ``max_lag_s``.
+``max_lag_s`` behind twice in a row (two late ticks, or a late tick and the next one already that overdue) *and*
+the loop's thread spent most of the recent past on the CPU, new requests are refused (503 + Retry-After). A
+refusal costs a fraction of an answer, so the backlog drains within a few loop turns and admission resumes: the
+process keeps answering about as much as its CPU allows, and the rest is refused within a few ``max_lag_s``.
+
+Twice in a row, because one long callback (a 10,000-event batch, a garbage collection) makes one tick late
+without leaving a backlog: the requests that waited behind it are answered, not refused, unless they themselves
+keep the loop behind.
 
 The CPU condition tells overload of this process from a loop that is late because the machine did not run it
 (another process had the core, a container's CPU quota ran out, a model loading in a worker thread held the
@@ -44,6 +48,7 @@ class LoopLag:
         self.interval_s = interval_s
         self.min_busy = min_busy
         self.lag_s = 0.0  # how late the last tick ran
+        self.late_ticks = 0  # ticks in a row that ran max_lag_s late or more
         self.busy = 0.0  # the loop thread's recent share of CPU time (0..1, decaying average)
         self._due = math.inf  # when the next tick should run (time.monotonic)
         self.record: list[float] | None = None  # when a list: every tick's lag is appended (benchmarks)
@@ -52,9 +57,9 @@ class LoopLag:
     @property
     def overloaded(self) -> bool:
         """Whether a new request should be refused now: the loop is behind and it is this process's own work."""
-        if self.max_lag_s <= 0 or self.busy < self.min_busy:
+        if self.max_lag_s <= 0 or self.busy < self.min_busy or not self.late_ticks:
             return False
-        return self.lag_s >= self.max_lag_s or time.monotonic() - self._due >= self.max_lag_s
+        return self.late_ticks >= 2 or time.monotonic() - self._due >= self.max_lag_s
 
     def behind_ms(self) -> int:
         """How far behind the loop is now, in whole ms (for the refusal's message)."""
@@ -70,7 +75,7 @@ class LoopLag:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._due, self.lag_s = math.inf, 0.0  # nothing measures it any more: never refuse on a stale value
+        self._due, self.lag_s, self.late_ticks = math.inf, 0.0, 0  # nothing measures it: no stale verdict
 
     async def _run(self) -> None:
         wall, cpu = time.monotonic(), time.thread_time()  # the loop's own thread: the one a backlog waits for
@@ -81,6 +86,7 @@ class LoopLag:
             now, now_cpu = time.monotonic(), time.thread_time()
             elapsed = now - wall
             self.lag_s = max(0.0, now - self._due)
+            self.late_ticks = self.late_ticks + 1 if self.max_lag_s > 0 and self.lag_s >= self.max_lag_s else 0
             if self.record is not None:
                 self.record.append(self.lag_s)
             if elapsed > 0:
