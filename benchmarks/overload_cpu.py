@@ -1,0 +1,220 @@
+"""CPU-bound overload, isolated: what callers see at twice the capacity of a process whose own CPU is the
+bottleneck, with the event-loop lag refusal (``rtml.core.looplag``) on and off in the same run.
+
+Why a separate benchmark. ``rtml bench overload`` drives the real stack, but on a small machine the service,
+Redis, the broker and the load generator share the cores: whichever of them is starved sets the latency, and
+the client's own lateness ends up in its figures. Here the server is alone on one CPU and the client alone on
+another (``sched_setaffinity``), and the server does nothing but CPU work, so what is measured is the admission
+itself: the same decision serving's fast path and ingest make (``in_flight >= limit or lag.overloaded`` ->
+503 ``overloaded`` + Retry-After), with the same ``LoopLag``.
+
+The server (``--serve``, started by this script) is uvicorn (uvloop, httptools) with a bare ASGI app: an
+admitted request costs ``--cost-ms`` of CPU in two halves around one turn of the loop (where a real request
+awaits Redis); a refused one costs only the HTTP exchange. Each round, for each lag limit (0 = off, and
+``--lag-ms``), interleaved: start the server, warm up, measure capacity (the best admitted rate of closed loops
+at 1, 4, 16 and 64 in flight), offer twice that open loop for ``--phase-s`` with the client's GC off, stop.
+Reported per setting, as medians over rounds: capacity, admitted per second, admitted and refused p50/p99 of
+the requests sent after the first 0.5 s (steady state) and of those sent in it (onset), other answers, and the
+client's own loop lag (when high, the client was the bottleneck). Linux, 2+ CPUs (~1 min with the defaults):
+
+    python benchmarks/overload_cpu.py [--rounds 3] [--lag-ms 5] [--cost-ms 0.5] [--phase-s 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+ONSET_S = 0.5
+MAX_IN_FLIGHT = 64  # RTML_PREDICT_MAX_IN_FLIGHT's default
+
+
+def serve(port: int, lag_ms: float, cost_ms: float) -> None:
+    """The server: uvicorn with an app that burns ``cost_ms`` of CPU per admitted request."""
+    import uvicorn
+
+    from rtml.core.looplag import LoopLag
+
+    lag = LoopLag(lag_ms / 1000)
+    in_flight = 0
+    refusal = b'{"error":{"code":"overloaded","message":"retry shortly"}}'
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def respond(send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *extra]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal in_flight
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    lag.start()
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await lag.stop()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if in_flight >= MAX_IN_FLIGHT or lag.overloaded:  # serving's fast path decides the same way
+            await respond(send, 503, refusal, [(b"retry-after", b"1")])
+            return
+        in_flight += 1
+        try:
+            await receive()
+            burn(cost_ms / 2000)
+            await asyncio.sleep(0)  # where a real request awaits its feature read
+            burn(cost_ms / 2000)
+        finally:
+            in_flight -= 1
+        await respond(send, 200, b"{}", [])
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+
+async def one_run(port: int, phase_s: float) -> dict[str, Any]:
+    from rtml.bench.overload import Pool, closed_loop, no_gc, open_loop
+    from rtml.bench.rawhttp import build_request
+    from rtml.core.looplag import LoopLag
+
+    requests = [build_request("POST", "127.0.0.1", port, "/", b"{}", {"Content-Type": "application/json"})]
+    pool = Pool("127.0.0.1", port)
+    try:
+        await closed_loop(pool, requests, concurrency=4, duration_s=1.0)  # warm-up
+        rates = {}
+        for c in (1, 4, 16, MAX_IN_FLIGHT):
+            got, took = await closed_loop(pool, requests, concurrency=c, duration_s=1.0)
+            rates[c] = sum(1 for a in got if a.status == 200) / took
+        capacity = max(rates.values())
+        own = LoopLag(0)
+        own.record = []
+        own.start()
+        try:
+            with no_gc():
+                answers = await open_loop(pool, requests, rate=2 * capacity, duration_s=phase_s, timeout_s=30)
+        finally:
+            await own.stop()
+    finally:
+        await pool.close()
+    out: dict[str, Any] = {"capacity": round(capacity), "offered": round(2 * capacity)}
+    steady = [a for a in answers if a.sent_at >= ONSET_S]
+    onset = [a for a in answers if a.sent_at < ONSET_S]
+    out["admitted_per_s"] = round(sum(1 for a in steady if a.status == 200) / (phase_s - ONSET_S))
+    for name, part in (("steady", steady), ("onset", onset)):
+        ok = [a.latency_s for a in part if a.status == 200]
+        refused = [a.latency_s for a in part if a.refused]
+        out[name] = {
+            "admitted_p50_ms": pct(ok, 0.5), "admitted_p99_ms": pct(ok, 0.99),
+            "refused_p50_ms": pct(refused, 0.5), "refused_p99_ms": pct(refused, 0.99),
+            "refused_share": round(len(refused) / len(part), 3) if part else None,
+            "other": len(part) - len(ok) - len(refused),
+        }  # fmt: skip
+    out["client_lag_p99_ms"] = pct(own.record, 0.99)
+    return out
+
+
+def run(lag_ms: float, cost_ms: float, phase_s: float) -> dict[str, Any]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), "--lag-ms", str(lag_ms), "--cost-ms", str(cost_ms)]
+    )
+    try:
+        os.sched_setaffinity(server.pid, {0})
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not start")
+            time.sleep(0.05)
+        try:
+            import uvloop
+
+            return uvloop.run(one_run(port, phase_s))
+        except ImportError:
+            return asyncio.run(one_run(port, phase_s))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field-wise median over rounds (nested dicts too; None where a round had no value)."""
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        if isinstance(first, dict):
+            out[key] = median_of([r[key] for r in runs])
+        else:
+            values = [r[key] for r in runs if r[key] is not None]
+            out[key] = round(statistics.median(values), 3) if values else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lag-ms", type=float, default=5.0)
+    parser.add_argument("--cost-ms", type=float, default=0.5)
+    parser.add_argument("--phase-s", type=float, default=8.0)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.lag_ms, args.cost_ms)
+        return
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 CPUs: the server on one, the client on the other")
+    os.sched_setaffinity(0, {1})
+    settings = (0.0, args.lag_ms)
+    runs: dict[float, list[dict[str, Any]]] = {s: [] for s in settings}
+    for _ in range(args.rounds):
+        for lag_ms in settings:
+            runs[lag_ms].append(run(lag_ms, args.cost_ms, args.phase_s))
+    medians = {s: median_of(r) for s, r in runs.items()}
+    off, on = medians[0.0]["steady"], medians[args.lag_ms]["steady"]
+    summary = {
+        "bench": "overload_cpu",
+        "rounds": args.rounds,
+        "cost_ms": args.cost_ms,
+        "phase_s": args.phase_s,
+        "lag_off": medians[0.0],
+        f"lag_{args.lag_ms:g}ms": medians[args.lag_ms],
+        "admitted_p99_off_over_on": _ratio(off["admitted_p99_ms"], on["admitted_p99_ms"]),
+        "refused_p99_off_over_on": _ratio(off["refused_p99_ms"], on["refused_p99_ms"]),
+        "runs": {f"{s:g}": r for s, r in runs.items()},
+    }
+    print(json.dumps(summary, indent=2))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 1) if a and b else None
+
+
+if __name__ == "__main__":
+    main()
