@@ -31,6 +31,14 @@ return 1
 """
 
 
+ROUTES = ("/v1/predict", "/v1/recommend")
+
+
+def shed(text: str, route: str) -> float:
+    line = next((x for x in text.splitlines() if x.startswith(f'rtml_serving_shed_total{{route="{route}"}} ')), None)
+    return 0.0 if line is None else float(line.split()[1])
+
+
 async def stall_redis(settings: Settings, ms: int) -> float:
     """Block redis-server for ``ms``; returns the loop time at which it is free again."""
     redis = connect(settings)
@@ -82,6 +90,7 @@ async def test_past_the_in_flight_limit_requests_are_refused_at_once(settings: S
     payload = {"entities": {"user_id": "busy", "item_id": "t1"}}
     slow = {"X-Request-Timeout-Ms": "10000"}  # these two wait for Redis, holding both slots
     async with running(create_app(s)) as client:
+        before = shed((await client.get("/metrics")).text, "/v1/predict")  # other tests of this process count too
         stall = asyncio.create_task(stall_redis(s, 700))
         await asyncio.sleep(0.05)
         held = [asyncio.create_task(client.post("/v1/predict", json=payload, headers=slow)) for _ in range(2)]
@@ -100,8 +109,7 @@ async def test_past_the_in_flight_limit_requests_are_refused_at_once(settings: S
         assert all(a.json()["degraded"] is False for a in answers)
         # capacity is back once they finished
         assert (await client.post("/v1/predict", json=payload)).status_code == 200
-        metrics = (await client.get("/metrics")).text
-        assert 'rtml_serving_shed_total{route="/v1/predict"} 1.0' in metrics
+        assert shed((await client.get("/metrics")).text, "/v1/predict") == before + 1
         # health and metrics are never shed
         assert (await client.get("/healthz")).status_code == 200
 
@@ -121,14 +129,6 @@ async def test_a_promotion_is_picked_up_from_the_models_topic_without_polling(se
             assert (await replica.post("/v1/predict", json=payload)).json()["version"] == v2
 
         await eventually(serves_v2, timeout=15)  # (the group join on a fresh consumer takes a few seconds)
-
-
-ROUTES = ("/v1/predict", "/v1/recommend")
-
-
-def shed(text: str, route: str) -> float:
-    line = next((x for x in text.splitlines() if x.startswith(f'rtml_serving_shed_total{{route="{route}"}} ')), None)
-    return 0.0 if line is None else float(line.split()[1])
 
 
 async def test_while_the_process_is_behind_on_its_own_cpu_work_requests_are_refused_at_once(

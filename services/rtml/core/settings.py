@@ -119,10 +119,12 @@ class Settings(BaseSettings):
     # ingest admission, per process: events waiting for the broker's acks; a request whose events would take
     # more is refused the same way (one request is always admitted when nothing is pending, whatever its size).
     ingest_max_pending_events: int = Field(default=200_000, ge=1)
-    # overload of the process itself (rtml.core.looplag): predict, recommend and ingest requests are refused at
-    # once (503 overloaded + Retry-After) while the event loop runs this far behind on its own work, so a refusal
-    # stays fast when the CPU, not a dependency, is the bottleneck. 0 turns it off (the lag is still exported).
-    max_loop_lag_ms: float = Field(default=5.0, ge=0)
+    # overload of the process itself (rtml.core.looplag): when > 0, predict, recommend and ingest requests are
+    # refused at once (503 overloaded + Retry-After) while the event loop runs this far behind on its own work,
+    # so refusals stay fast when the CPU, not a dependency, is the bottleneck. Off (0) by default: it also refuses
+    # bursts that would only have queued a little longer than this (docs/reliability.md#overload). The lag is
+    # exported either way (rtml_event_loop_lag_seconds).
+    max_loop_lag_ms: float = Field(default=0.0, ge=0)
     # feedback: how long a prediction waits for its outcome (and an outcome for its prediction)
     join_ttl: Duration = 3600 * 1000
     # feedback, label rules: a prediction whose rule window has passed waits this much longer for events
