@@ -15,7 +15,7 @@ awaits Redis); a refused one costs only the HTTP exchange. Each round, for each 
 at 1, 4, 16 and 64 in flight), offer twice that open loop for ``--phase-s`` with the client's GC off, stop.
 Reported per setting, as medians over rounds: capacity, admitted per second, admitted and refused p50/p99 of
 the requests sent after the first 0.5 s (steady state) and of those sent in it (onset), other answers, and the
-client's own loop lag (when high, the client was the bottleneck). Linux, 2+ CPUs (~1 min with the defaults):
+client's own loop lag (when high, the client was the bottleneck). Linux, 2+ CPUs (~2 min with the defaults):
 
     python benchmarks/overload_cpu.py [--rounds 3] [--lag-ms 5] [--cost-ms 0.5] [--phase-s 8]
 """
@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -86,17 +83,12 @@ def serve(port: int, lag_ms: float, cost_ms: float) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+    """The q-th percentile in ms, as ``rtml bench`` computes it (rtml.bench.stats)."""
+    from rtml.bench.stats import percentile
+
+    value = percentile(values, q)
+    return None if value is None else round(1000 * value, 2)
 
 
 async def one_run(port: int, phase_s: float) -> dict[str, Any]:
@@ -131,34 +123,30 @@ async def one_run(port: int, phase_s: float) -> dict[str, Any]:
         ok = [a.latency_s for a in part if a.status == 200]
         refused = [a.latency_s for a in part if a.refused]
         out[name] = {
-            "admitted_p50_ms": pct(ok, 0.5), "admitted_p99_ms": pct(ok, 0.99),
-            "refused_p50_ms": pct(refused, 0.5), "refused_p99_ms": pct(refused, 0.99),
+            "admitted_p50_ms": pct(ok, 50), "admitted_p99_ms": pct(ok, 99),
+            "refused_p50_ms": pct(refused, 50), "refused_p99_ms": pct(refused, 99),
             "refused_share": round(len(refused) / len(part), 3) if part else None,
             "other": len(part) - len(ok) - len(refused),
         }  # fmt: skip
-    out["client_lag_p99_ms"] = pct(own.record, 0.99)
+    out["client_lag_p99_ms"] = pct(own.record, 99)
     return out
 
 
-def run(lag_ms: float, cost_ms: float, phase_s: float) -> dict[str, Any]:
+def run(lag_ms: float, cost_ms: float, phase_s: float, server_cpu: int) -> dict[str, Any]:
+    from rtml.core.embedded import free_port, wait_for_port
+
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(port), "--lag-ms", str(lag_ms), "--cost-ms", str(cost_ms)]
     )
     try:
-        os.sched_setaffinity(server.pid, {0})
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.05)
+        os.sched_setaffinity(server.pid, {server_cpu})
+        wait_for_port("127.0.0.1", port, 20, server)
         try:
             import uvloop
 
             return uvloop.run(one_run(port, phase_s))
-        except ImportError:
+        except (ImportError, AttributeError):  # no uvloop, or one older than uvloop.run (0.18)
             return asyncio.run(one_run(port, phase_s))
     finally:
         server.terminate()
@@ -166,14 +154,16 @@ def run(lag_ms: float, cost_ms: float, phase_s: float) -> dict[str, Any]:
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Field-wise median over rounds (nested dicts too; None where a round had no value)."""
+    """Field-wise median over rounds (nested dicts too; None where no round had a value)."""
+    from rtml.bench.stats import median
+
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
         if isinstance(first, dict):
             out[key] = median_of([r[key] for r in runs])
         else:
-            values = [r[key] for r in runs if r[key] is not None]
-            out[key] = round(statistics.median(values), 3) if values else None
+            value = median(r[key] for r in runs)
+            out[key] = None if value is None else round(value, 3)
     return out
 
 
@@ -188,14 +178,17 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.lag_ms, args.cost_ms)
         return
-    if (os.cpu_count() or 1) < 2:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
         raise SystemExit("needs 2 CPUs: the server on one, the client on the other")
-    os.sched_setaffinity(0, {1})
+    os.sched_setaffinity(0, {cpus[1]})
     settings = (0.0, args.lag_ms)
     runs: dict[float, list[dict[str, Any]]] = {s: [] for s in settings}
     for _ in range(args.rounds):
         for lag_ms in settings:
-            runs[lag_ms].append(run(lag_ms, args.cost_ms, args.phase_s))
+            runs[lag_ms].append(run(lag_ms, args.cost_ms, args.phase_s, cpus[0]))
+    from rtml.bench.stats import ratio
+
     medians = {s: median_of(r) for s, r in runs.items()}
     off, on = medians[0.0]["steady"], medians[args.lag_ms]["steady"]
     summary = {
@@ -205,15 +198,11 @@ def main() -> None:
         "phase_s": args.phase_s,
         "lag_off": medians[0.0],
         f"lag_{args.lag_ms:g}ms": medians[args.lag_ms],
-        "admitted_p99_off_over_on": _ratio(off["admitted_p99_ms"], on["admitted_p99_ms"]),
-        "refused_p99_off_over_on": _ratio(off["refused_p99_ms"], on["refused_p99_ms"]),
+        "admitted_p99_off_over_on": ratio(off["admitted_p99_ms"], on["admitted_p99_ms"]),
+        "refused_p99_off_over_on": ratio(off["refused_p99_ms"], on["refused_p99_ms"]),
         "runs": {f"{s:g}": r for s, r in runs.items()},
     }
     print(json.dumps(summary, indent=2))
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 1) if a and b else None
 
 
 if __name__ == "__main__":

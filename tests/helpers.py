@@ -25,13 +25,19 @@ def spin_cpu(seconds: float) -> None:
 
 
 async def hold_up_loop(
-    lag: Any, total_s: float, block: Callable[[float], None] = spin_cpu, chunk_s: float = LOOP_CHUNK_S
+    lag: Any,
+    done: Callable[[], bool],
+    block: Callable[[float], None] = spin_cpu,
+    chunk_s: float = LOOP_CHUNK_S,
+    timeout: float = 10.0,
 ) -> list[bool]:
-    """Block the running loop ``chunk_s`` at a time for ``total_s`` (by default with CPU work), letting it turn
-    once between chunks so the lag detector's overdue tick runs; its verdict (``lag.overloaded``) after each."""
-    verdicts = []
-    end = time.monotonic() + total_s
-    while time.monotonic() < end:
+    """Block the running loop ``chunk_s`` at a time (by default with CPU work) until ``done()``, letting it turn
+    once between chunks so the lag detector's overdue tick runs; its verdict (``lag.overloaded``) after each.
+    AssertionError when ``done()`` is still false after ``timeout`` seconds (a starved test process)."""
+    verdicts: list[bool] = []
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not done after {timeout} s of holding the loop up"
         block(chunk_s)
         await asyncio.sleep(0)
         verdicts.append(bool(lag.overloaded))
@@ -52,19 +58,11 @@ async def loop_held_up(lag: Any, chunk_s: float = LOOP_CHUNK_S) -> AsyncIterator
 
     task = asyncio.create_task(spin())
     try:
-        await until(lambda: bool(lag.overloaded), timeout=10.0)
+        await until(lambda: bool(lag.overloaded))
         yield
     finally:
         stop.set()
         await task
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (letting the loop run) until ``condition()`` is true; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -124,3 +122,24 @@ def png_size(data: bytes) -> tuple[int, int]:
     length, kind, width, height = struct.unpack(">I4sII", data[8:24])
     assert kind == b"IHDR" and length == 13
     return int(width), int(height)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Let the loop run until ``condition()`` (a synchronous check, unlike ``eventually``'s)."""
+
+    async def check() -> None:
+        assert condition()
+
+    await eventually(check, timeout=timeout, every=0.01)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` (with these labels) in a /metrics page (0 when there are none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )

@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from rtml.core import embedded
 from rtml.core.embedded import free_port
 from rtml.core.kafka import client_options
 from rtml.core.settings import ServiceName, Settings
+from tests.helpers import metric_value
 
 
 def env_of(s: Settings, **extra: str) -> dict[str, str]:
@@ -119,13 +119,7 @@ class Service:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples called ``name`` (with these labels) on its /metrics."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
+        return metric_value(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
 
 async def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[Any]:

@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rtml.bench.ingest import applied_views, batch_bodies, user_ids
 from rtml.bench.overload import Answer, Pool, bodies_for, closed_loop, open_loop
@@ -32,7 +31,7 @@ from rtml.core import embedded
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 from tests.e2e.procs import DelayProxy, Service, env_of, start_broker_behind
-from tests.helpers import error_of, eventually
+from tests.helpers import error_of, eventually, metric_value
 from tests.integration.test_serving import expected_score, register
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -113,7 +112,7 @@ async def overload(service: Service, requests: list[bytes], ok: int, gauges: tup
 
 
 def metric_of(text: str, name: str) -> float:
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+    return metric_value(text, name)
 
 
 def port_of(url: str | None) -> int:

@@ -12,7 +12,7 @@ from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 from rtml.ingest.app import create_app
 from rtml.ingest.routes import Admission
-from tests.helpers import error_of, loop_held_up, running, until
+from tests.helpers import error_of, loop_held_up, metric_value, running, until
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +20,7 @@ KEYS = "ik:ingest,pk:predict"
 
 
 def shed(text: str) -> float:
-    line = next(x for x in text.splitlines() if x.startswith("rtml_ingest_shed_total "))
-    return float(line.split()[1])
+    return metric_value(text, "rtml_ingest_shed_total")
 
 
 async def test_a_full_process_refuses_authorized_callers_with_503_and_others_with_401_403(make_settings: Any) -> None:

@@ -5,7 +5,9 @@ Two phases against one running service (``--of predict``: ``POST /v1/predict``; 
 
 - **capacity** (closed loop): 1, 4, 16 and ``concurrency`` requests in flight in turn (default: the service's
   own in-flight limit, ``RTML_PREDICT_MAX_IN_FLIGHT`` / ``RTML_INGEST_MAX_IN_FLIGHT`` as this process reads
-  them), each sent as soon as the previous answered: the best admitted rate is the capacity;
+  them), each sent as soon as the previous answered, at least 0.5 s each: the best admitted rate is the capacity
+  (``capacity.concurrency`` says which; the best of several short runs leans high, so the offered rate may be a
+  little over ``factor`` x the sustained capacity);
 - **overload** (open loop): requests leave on a fixed schedule at ``factor`` (2) x that rate whatever the
   answers, each on a free keep-alive connection (a new one when all are busy, up to ``MAX_CONNECTIONS``).
 
@@ -166,12 +168,14 @@ def no_gc() -> Iterator[None]:
     """No garbage collection in this process meanwhile: the open loop keeps every task and answer of the phase,
     and a full collection over tens of thousands of them stalled this client ~270 ms (measured), which then
     showed as the server's latency. The phase is short and its objects are freed when it ends."""
+    was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def summary(answers: Sequence[Answer], ok: int, elapsed_s: float) -> dict[str, Any]:
@@ -232,7 +236,7 @@ async def bench_overload(
         by_level: dict[int, tuple[list[Answer], float]] = {}
         for c in levels:
             by_level[c] = await closed_loop(
-                pool, requests, concurrency=c, duration_s=duration_s / 3 / len(levels), timeout_s=timeout_s
+                pool, requests, concurrency=c, duration_s=max(0.5, duration_s / 3 / len(levels)), timeout_s=timeout_s
             )
         rates = {c: sum(1 for a in got if a.status == ok) / took for c, (got, took) in by_level.items()}
         best = max(levels, key=lambda c: rates[c])

@@ -296,8 +296,8 @@ _ERRORS: dict[str, str] = {
     "404": "an unknown model, version or other resource",
     "413": "the body is over the size limit",
     "422": "the request does not validate; details names each bad field",
-    "503": "a dependency (broker or Redis) is unavailable, or too many requests are in flight: retry after "
-    "Retry-After seconds",
+    "503": "a dependency (broker or Redis) is unavailable, or the process is overloaded (too many requests in "
+    "flight, or too far behind on its work): retry after Retry-After seconds",
 }
 _HEADERS: dict[str, dict[str, Any]] = {
     "401": {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},

@@ -4,34 +4,42 @@ in-flight limits cannot see.
 Why. ``RTML_PREDICT_MAX_IN_FLIGHT`` and ``RTML_INGEST_MAX_IN_FLIGHT`` count requests a process has started.
 When a dependency is slow those pile up and the limit refuses the excess at once. When the process's own CPU is
 the bottleneck, requests wait *before* that count sees them: in socket buffers and in the loop's queue of ready
-callbacks. The count stays low while callers wait hundreds of milliseconds (measured at twice serving's capacity:
-refusals p99 594 ms, admitted p99 8 s; docs/reliability.md). Every request waits behind that backlog, a
-refusal included, so a refusal is only fast while the backlog is short.
+callbacks. The count stays low while callers wait (measured at twice capacity: admitted p99 8 s, refused p99
+0.1-2.4 s; docs/reliability.md#overload). Every request waits behind that backlog, a refusal included, so a
+refusal is only fast while the backlog is short.
 
 How. A timer that should fire every ``INTERVAL_S`` fires late by as long as the loop is behind. While the loop is
 ``max_lag_s`` behind twice in a row (two late ticks, or a late tick and the next one already that overdue) *and*
 the loop's thread spent most of the recent past on the CPU, new requests are refused (503 + Retry-After). A
 refusal costs a fraction of an answer, so the backlog drains within a few loop turns and admission resumes: the
-process keeps answering about as much as its CPU allows, and the rest is refused within a few ``max_lag_s``.
+process keeps answering most of what its CPU allows (refusals cost CPU too: 83 % of the admitted rate without
+the limit, measured) and the rest is refused within a few ``max_lag_s``. Refusing is all or nothing while the
+loop is behind; when refusals alone take a whole core, admission stops.
 
 Twice in a row, because one long callback (a 10,000-event batch, a garbage collection) makes one tick late
 without leaving a backlog: the requests that waited behind it are answered, not refused, unless they themselves
 keep the loop behind.
 
 The CPU condition tells overload of this process from a loop that is late because the machine did not run it
-(another process had the core, a container's CPU quota ran out, a model loading in a worker thread held the
-GIL): refusing then would not shorten anything, so it does not. The same idea as Node's toobusy (loop lag) with
-the overload test of Envoy's overload manager (resource pressure of the process itself).
+(another process had the core, a model loading in a worker thread held the GIL): refusing then would not
+shorten anything, so it does not. The flip side: a process that gets less than ``MIN_BUSY`` of a core (more
+workers than cores, a CPU quota under 0.7 core, neighbours taking the cores) never refuses for lag.
+
+The same idea as Node's toobusy (loop lag) with the overload test of Envoy's overload manager (resource
+pressure of the process itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 
 from rtml.core import metrics
+
+log = logging.getLogger(__name__)
 
 INTERVAL_S = 0.005  # a tick every 5 ms: 200 wake-ups per second, a few microseconds each
 BUSY_HALF_LIFE_S = 0.05  # the loop thread's CPU share is averaged over about this long
@@ -74,12 +82,26 @@ class LoopLag:
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._due, self.lag_s, self.late_ticks = math.inf, 0.0, 0  # nothing measures it: no stale verdict
+                await task  # _run never raises anything else: it logs and resets
+
+    def _reset(self) -> None:
+        """Nothing measures the loop any more: no verdict may rest on the last values."""
+        self._due, self.lag_s, self.late_ticks, self.busy = math.inf, 0.0, 0, 0.0
+        metrics.EVENT_LOOP_BUSY.set(0.0)
 
     async def _run(self) -> None:
+        try:
+            await self._sample()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never leave a frozen "overloaded" behind: that would refuse every request
+            log.exception("the event-loop lag detector stopped; nothing is refused for lag any more")
+        finally:
+            self._reset()
+
+    async def _sample(self) -> None:
         wall, cpu = time.monotonic(), time.thread_time()  # the loop's own thread: the one a backlog waits for
-        gauge_lag, gauge_busy = metrics.EVENT_LOOP_LAG, metrics.EVENT_LOOP_BUSY
+        observe, gauge_busy = metrics.EVENT_LOOP_LAG.observe, metrics.EVENT_LOOP_BUSY
         while True:
             self._due = wall + self.interval_s
             await asyncio.sleep(self.interval_s)
@@ -94,5 +116,5 @@ class LoopLag:
                 weight = 1.0 - 0.5 ** (elapsed / BUSY_HALF_LIFE_S)
                 self.busy += weight * (share - self.busy)
             wall, cpu = now, now_cpu
-            gauge_lag.set(self.lag_s)
+            observe(self.lag_s)
             gauge_busy.set(self.busy)

@@ -53,10 +53,10 @@ HTTP_REQUESTS = Counter(
 )
 
 # every service's event loop (rtml.core.looplag): what overload of the process itself looks like
-EVENT_LOOP_LAG = Gauge(
+EVENT_LOOP_LAG = Histogram(
     "rtml_event_loop_lag_seconds",
-    "How late a timer due every 5 ms ran last: the backlog of work the process has not got to yet.",
-    multiprocess_mode="livemax",
+    "How late a timer due every 5 ms ran, each tick: the backlog of work the process had not got to yet.",
+    buckets=LATENCY_BUCKETS,
 )
 EVENT_LOOP_BUSY = Gauge(
     "rtml_event_loop_busy_ratio",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rtml.core.timeutil import Duration
@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     examples_flush_s: float = Field(default=10.0, gt=0)  # ... or this long after the first one buffered
     # feedback, learning loop: how often quality gauges, retraining triggers and rollout decisions are checked
     learning_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("max_loop_lag_ms")
+    @classmethod
+    def _lag_above_timer_resolution(cls, value: float) -> float:
+        if 0 < value < 1:  # uvloop's timers count whole ms: below that nearly every tick would look late
+            raise ValueError("must be 0 (off) or at least 1 ms")
+        return value
 
     def port_of(self, service: ServiceName) -> int:
         return int(getattr(self, f"{service}_port"))

@@ -3,8 +3,10 @@
 Admission (per process, ``Admission``): past ``RTML_INGEST_MAX_IN_FLIGHT`` requests in flight the next one is
 answered 503 ``overloaded`` with ``Retry-After`` at once, before its body is read; past
 ``RTML_INGEST_MAX_PENDING_EVENTS`` events waiting for the broker's acks, a request is refused the same way once
-its events are counted. Both are counted in ``rtml_ingest_shed_total``. So a burst beyond what the broker
-acknowledges costs bounded memory and quick refusals, not a queue that times everyone out.
+its events are counted; with ``RTML_MAX_LOOP_LAG_MS`` set, while the process's event loop is that far behind
+on its own work (``rtml.core.looplag``), requests are refused the same way before their body is read. All are
+counted in ``rtml_ingest_shed_total``. So a burst beyond what the broker acknowledges costs bounded memory and
+quick refusals, not a queue that times everyone out.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ _BODY_DOC: dict[str, Any] = {
     responses={
         422: {"description": "invalid events, each named by index and field; nothing published"},
         503: {
-            "description": "overloaded (too many requests or events in flight) or the broker did not "
+            "description": "overloaded (too many requests or events in flight, or the process too far behind "
+            "on its own work) or the broker did not "
             "acknowledge: nothing of the request is acknowledged; retry after Retry-After seconds"
         },
     },

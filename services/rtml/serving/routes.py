@@ -139,7 +139,8 @@ async def predict(request: Request, body: PredictRequest) -> Any:
     """Score one set of entities. Request ``features`` override stored ones; missing ones take the model's
     defaults (else 0.0). ``degraded`` is true when the feature store could not be read, or not before the
     request's deadline (``X-Request-Timeout-Ms``, default ``RTML_PREDICT_TIMEOUT_MS``). 503 with Retry-After
-    when more than ``RTML_PREDICT_MAX_IN_FLIGHT`` requests are in flight."""
+    when more than ``RTML_PREDICT_MAX_IN_FLIGHT`` requests are in flight or, with ``RTML_MAX_LOOP_LAG_MS``
+    set, while the process is that far behind on its own work."""
     return JSONBytes(await answer_predict(_predictor(request), body, None))
 
 
