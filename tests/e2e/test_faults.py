@@ -42,7 +42,6 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from rtml.core import embedded
 from rtml.core.config import load_config
@@ -52,7 +51,7 @@ from rtml.core.schemas import Event
 from rtml.core.settings import SERVICES, Settings
 from rtml.serving.registry import train_and_register
 from tests.e2e.procs import Service
-from tests.helpers import eventually
+from tests.helpers import eventually, metric_value
 from tests.reference import CONFIG_YAML, EventMaker, assert_converges
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -132,13 +131,7 @@ async def get(client: httpx.AsyncClient, url: str) -> httpx.Response:
         raise AssertionError(f"GET {url}: {exc!r}") from exc
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+metric = metric_value
 
 
 async def metric_of(client: httpx.AsyncClient, service: Service, name: str, **labels: str) -> float:
