@@ -303,8 +303,9 @@ async def test_two_replicas_of_every_service(kafka_bootstrap: str, redis_url: st
             pending = set(urls["serving"])
             while pending:
                 for url in sorted(pending):
-                    live = {m["name"]: m["live_version"] for m in (await http.get(f"{url}/v1/models")).json()["models"]}
-                    if live["ctr"] == version:
+                    # what this replica serves (GET /v1/models reads the registry's pointer, the same for all
+                    # replicas at once: waiting on it let a replica still on v1 answer the predict below)
+                    if await metric(http, url, "rtml_model_live_info", model="ctr", version=version) == 1:
                         pending.discard(url)
                 assert not pending or time.monotonic() - promoted_at < 5, f"not live within 5 s on {pending}"
                 await asyncio.sleep(0.1)
