@@ -38,6 +38,7 @@ import math
 import time
 
 from rtml.core import metrics
+from rtml.core.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,12 @@ class LoopLag:
         return self.late_ticks >= 2 or time.monotonic() - self._due >= self.max_lag_s
 
     def behind_ms(self) -> int:
-        """How far behind the loop is now, in whole ms (for the refusal's message)."""
+        """How far behind the loop is now, in whole ms."""
         return round(1000 * max(self.lag_s, time.monotonic() - self._due))
+
+    def refusal(self) -> Overloaded:
+        """The 503 for a request refused because ``overloaded`` (the caller counts it in its shed counter)."""
+        return Overloaded(f"this process is {self.behind_ms()} ms behind on its work; retry shortly")
 
     def start(self) -> None:
         if self._task is None:

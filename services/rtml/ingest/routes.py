@@ -34,10 +34,10 @@ class Admission:
     """The in-flight counts of one ingest process (one event loop: plain integers, no lock), and its loop's lag
     (``rtml.core.looplag``: the process is behind on its own work when the CPU is the bottleneck)."""
 
-    def __init__(self, max_in_flight: int, max_pending_events: int, lag: LoopLag | None = None) -> None:
+    def __init__(self, max_in_flight: int, max_pending_events: int, lag: LoopLag) -> None:
         self.max_in_flight = max_in_flight
         self.max_pending_events = max_pending_events
-        self.lag = lag or LoopLag(0)
+        self.lag = lag
         self.in_flight = 0
         self.pending_events = 0
 
@@ -50,7 +50,7 @@ class Admission:
         metrics.INGEST_SHED.inc()
         if self.in_flight >= self.max_in_flight:
             return Overloaded(f"more than {self.max_in_flight} ingest requests in flight; retry shortly")
-        return Overloaded(f"this process is {self.lag.behind_ms()} ms behind on its work; retry shortly")
+        return self.lag.refusal()
 
     def enter(self) -> None:
         if self.full:

@@ -123,7 +123,7 @@ class FastPath:
                 raise Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
             if self.lag.overloaded:
                 self._shed[route.path].inc()
-                raise Overloaded(f"this process is {self.lag.behind_ms()} ms behind on its work; retry shortly")
+                raise self.lag.refusal()
             deadline = asyncio.get_running_loop().time() + (
                 self.default_timeout_s if timeout is None else _timeout_s(timeout)
             )
