@@ -143,3 +143,22 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         for s in fam.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def wait_http_ready(url: str, proc: Any, log: Any, timeout: float = 90) -> None:
+    """Poll ``url``/readyz until 200; AssertionError (with the end of ``log``, a Path) if ``proc`` (a Popen)
+    exits or ``timeout`` seconds pass. Blocking: from async code, call it through ``asyncio.to_thread``."""
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-3000:] if log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{url} exited: {tail()}"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready in {timeout} s: {tail()}")

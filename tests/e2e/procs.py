@@ -19,7 +19,7 @@ from rtml.core import embedded
 from rtml.core.embedded import free_port
 from rtml.core.kafka import client_options
 from rtml.core.settings import ServiceName, Settings
-from tests.helpers import metric_value
+from tests.helpers import metric_value, wait_http_ready
 
 
 def env_of(s: Settings, **extra: str) -> dict[str, str]:
@@ -74,16 +74,7 @@ class Service:
 
     def wait_ready(self, timeout: float = 90) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"{self.name} exited: {self.tail()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name} not ready in {timeout} s: {self.tail()}")
+        wait_http_ready(self.url, self.proc, self.log, timeout)
 
     def terminate(self, timeout: float = 30) -> int:
         """SIGTERM, wait for the exit (a hang fails), the exit code."""

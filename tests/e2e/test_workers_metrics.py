@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rtml.core.embedded import free_port
+from tests.helpers import wait_http_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -49,16 +50,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{url} not ready: {log.read_text()[-3000:]}")
+    wait_http_ready(url, proc, log)
 
 
 def scrape(url: str) -> dict[str, list[Any]]:

@@ -7,14 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rtml.core.config import load_config
 from rtml.core.embedded import free_port
@@ -22,6 +20,7 @@ from rtml.core.kafka import Producer
 from rtml.core.schemas import Event
 from rtml.core.settings import Settings
 from rtml.features.windows import touches
+from tests.helpers import metric_value, wait_http_ready
 from tests.reference import CONFIG_YAML, assert_converges, make_events
 
 pytestmark = pytest.mark.integration
@@ -40,25 +39,11 @@ class FeaturesProcess:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"features not ready: {self.log.read_text()[-3000:]}")
+        wait_http_ready(self.url, self.proc, self.log, timeout)
 
     def consumed(self) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=2).text
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == "rtml_consumer_records_total" and s.labels.get("consumer") == "features"
-        )
+        return metric_value(text, "rtml_consumer_records_total", consumer="features")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
