@@ -328,6 +328,8 @@ async def test_no_key_appears_in_logs_output_or_error_bodies(
     path and on a FastAPI route, with their tracebacks logged): no key value appears in any log record, in
     the process's stdout/stderr, or in any response."""
     caplog.set_level(1)  # everything, uvicorn's TRACE included
+    # and aiokafka's own level too: a CLI test earlier in this worker (quiet_logging) may have raised it to CRITICAL
+    caplog.set_level(1, logger="aiokafka")
     s: Settings = make_settings(api_keys=API_KEYS)
     await create_topics(s)
     app = create_service_app(Service.serving, s)
