@@ -204,3 +204,19 @@ def test_cli_source_flags_exclude_each_other(settings: Settings, tmp_path: Path)
     result = cli(settings, "--from-topic", "--examples", str(jsonl))
     assert result.exit_code == 1
     assert one_line(result.stderr) == "rtml: give either --examples PATH or --from-topic, not both"
+
+
+async def test_a_record_of_another_schema_version_is_malformed_not_read(settings: Settings) -> None:
+    # the topic reader is no ConsumerLoop, so it makes the loop's rtml-schema check itself
+    from tests.integration.test_deadletter_topics import GOOD
+    from tests.integration.test_deadletter_topics import publish as publish_raw
+
+    rows = examples(3, START, seed=11)
+    good, other_version, headerless = encoded(rows)
+    await publish_raw(settings, "examples", [
+        (b"k0", good, GOOD), (b"k1", other_version, [("rtml-schema", b"2")]), (b"k2", headerless, []),
+    ])  # fmt: skip
+    table, found = await read_topic_examples(settings, "ctr")
+    assert (found.records, found.malformed, found.matched) == (3, 1, 2)
+    assert found.first_malformed is not None and "rtml-schema" in found.first_malformed
+    assert sorted(table.prediction_ids) == sorted([rows[0].prediction_id, rows[2].prediction_id])

@@ -185,12 +185,10 @@ def write_stored(root: Path, rows: Sequence[Stored]) -> list[Path]:
 
 
 def decode_example(record: ConsumerRecord) -> Example:
-    """An ``Example`` from an ``examples`` record, else ``UnprocessableRecord`` naming what is wrong."""
+    """An ``Example`` from an ``examples`` record, else ``UnprocessableRecord`` naming what is wrong. The
+    ``rtml-schema`` version is checked before, by ``ConsumerLoop`` or by the topic reader below."""
     if record.value is None:
         raise UnprocessableRecord("empty record value")
-    mismatch = schema_mismatch(record.headers)  # checked here too: the topic reader (train --from-topic) is no
-    if mismatch is not None:  # ConsumerLoop
-        raise UnprocessableRecord(mismatch)
     try:
         return Example.model_validate_json(bytes(record.value))
     except ValidationError as exc:
@@ -481,6 +479,9 @@ async def read_topic_examples(
                 for record in batch:
                     records += 1
                     try:
+                        mismatch = schema_mismatch(record.headers)  # what ConsumerLoop checks before decoding
+                        if mismatch is not None:
+                            raise UnprocessableRecord(mismatch)
                         ex = decode_example(record)
                     except UnprocessableRecord as exc:
                         malformed += 1
