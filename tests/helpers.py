@@ -30,25 +30,25 @@ async def hold_up_loop(
     block: Callable[[float], None] = spin_cpu,
     chunk_s: float = LOOP_CHUNK_S,
     timeout: float = 10.0,
-) -> list[bool]:
+) -> list[float]:
     """Block the running loop ``chunk_s`` at a time (by default with CPU work) until ``done()``, letting it turn
-    once between chunks so the lag detector's overdue tick runs; its verdict (``lag.overloaded``) after each.
+    once between chunks so the lag detector's overdue tick runs; its cap on requests in flight after each.
     AssertionError when ``done()`` is still false after ``timeout`` seconds (a starved test process)."""
-    verdicts: list[bool] = []
+    caps: list[float] = []
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, f"not done after {timeout} s of holding the loop up"
         block(chunk_s)
         await asyncio.sleep(0)
-        verdicts.append(bool(lag.overloaded))
-    return verdicts
+        caps.append(lag.cap)
+    return caps
 
 
 @contextlib.asynccontextmanager
 async def loop_held_up(lag: Any, chunk_s: float = LOOP_CHUNK_S) -> AsyncIterator[None]:
     """CPU work in the running loop, ``chunk_s`` at a time, for as long as the block runs (a task taking turns
     with the block's own awaits, so a request made in the block meets a loop that is behind). Enters once the
-    lag detector says overloaded."""
+    lag detector's cap is down to one request at a time."""
     stop = asyncio.Event()
 
     async def spin() -> None:
@@ -58,7 +58,7 @@ async def loop_held_up(lag: Any, chunk_s: float = LOOP_CHUNK_S) -> AsyncIterator
 
     task = asyncio.create_task(spin())
     try:
-        await until(lambda: bool(lag.overloaded))
+        await until(lambda: lag.cap <= 1)
         yield
     finally:
         stop.set()

@@ -4,6 +4,8 @@ admitted requests held by a paused broker: tests/e2e/test_overload.py.)"""
 
 from __future__ import annotations
 
+import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -52,26 +54,37 @@ async def test_a_full_process_refuses_authorized_callers_with_503_and_others_wit
         assert admission.in_flight == 0 and admission.pending_events == 0
 
 
-async def test_while_the_process_is_behind_on_its_own_cpu_work_events_are_refused_at_once(make_settings: Any) -> None:
-    # CPU-bound overload (rtml.core.looplag): nothing in flight, the loop itself behind; the CPU share asked for
-    # is lowered so a busy machine still counts
+async def test_while_the_process_is_behind_on_its_own_cpu_work_it_takes_one_request_at_a_time(
+    make_settings: Any,
+) -> None:
+    # CPU-bound overload (rtml.core.looplag): the loop itself behind, so its cap comes down to one request in
+    # flight; the CPU share asked for is lowered so a busy machine still counts
     s: Settings = make_settings(api_keys=KEYS, max_loop_lag_ms=5.0)
     await create_topics(s)
     app = create_app(s)
+    lag = app.state.loop_lag
     event = {"type": "view", "user_id": "u-cpu"}
     auth = {"Authorization": "Bearer ik"}
     async with running(app) as client:
         assert (await client.post("/v1/events", json=event, headers=auth)).status_code == 202
         before = shed((await client.get("/metrics")).text)
-        app.state.loop_lag.min_busy = 0.2
-        async with loop_held_up(app.state.loop_lag):
-            refused = await client.post("/v1/events", json=event, headers=auth)
-            unauthorized = await client.post("/v1/events", json=event)
+        lag.min_busy = 0.2
+        async with loop_held_up(lag):
+            # started in the same turn: the first is in flight (awaiting the broker's ack) when the others ask
+            first, second, unauthorized = await asyncio.gather(
+                client.post("/v1/events", json=event, headers=auth),
+                client.post("/v1/events", json=event, headers=auth),
+                client.post("/v1/events", json=event),
+            )
+        assert sorted([first.status_code, second.status_code]) == [202, 503]
+        refused = first if first.status_code == 503 else second
         assert refused.status_code == 503 and error_of(refused)["code"] == "overloaded"
         assert "behind" in error_of(refused)["message"] and refused.headers["Retry-After"] == "1"
         assert unauthorized.status_code == 401  # a caller without a key gets its 401, overloaded or not
 
-        await until(lambda: not app.state.loop_lag.overloaded)
-        assert (await client.post("/v1/events", json=event, headers=auth)).status_code == 202
+        lag.min_busy = math.inf  # from here on no late tick lowers the cap (a loaded machine makes some late)
+        await until(lambda: lag.cap >= 3)  # caught up: the cap grows back, one per tick on time
+        answers = await asyncio.gather(*(client.post("/v1/events", json=event, headers=auth) for _ in range(3)))
+        assert [a.status_code for a in answers] == [202, 202, 202]
         assert shed((await client.get("/metrics")).text) == before + 1
         assert app.state.admission.in_flight == 0

@@ -8,17 +8,21 @@ callbacks. The count stays low while callers wait (measured at twice capacity: a
 0.1-2.4 s; docs/reliability.md#overload). Every request waits behind that backlog, a refusal included, so a
 refusal is only fast while the backlog is short.
 
-How. A timer that should fire every ``INTERVAL_S`` fires late by as long as the loop is behind. While the loop is
-``max_lag_s`` behind twice in a row (two late ticks, or a late tick and the next one already that overdue) *and*
-the loop's thread spent most of the recent past on the CPU, new requests are refused (503 + Retry-After). A
-refusal costs a fraction of an answer, so the backlog drains within a few loop turns and admission resumes: the
-process keeps answering most of what its CPU allows (refusals cost CPU too: 83 % of the admitted rate without
-the limit, measured) and the rest is refused within a few ``max_lag_s``. Refusing is all or nothing while the
-loop is behind; when refusals alone take a whole core, admission stops.
+How. A timer that should fire every ``INTERVAL_S`` fires late by as long as the loop is behind. That lateness
+drives a cap on the requests the process has in flight, the way TCP's congestion window follows loss (AIMD,
+also what Envoy's and Netflix's adaptive concurrency limits do with latency): each tick ``max_lag_s`` late or
+more, while the loop's thread spent most of the recent past on the CPU, halves the cap from the most requests
+seen in flight since the tick before (never below 1); each tick on time raises it by one, and past
+``CAP_CEILING`` it is gone. A request that finds the cap full is refused at once (503 + Retry-After).
 
-Twice in a row, because one long callback (a 10,000-event batch, a garbage collection) makes one tick late
-without leaving a backlog: the requests that waited behind it are answered, not refused, unless they themselves
-keep the loop behind.
+Why a cap and not "refuse everything while behind". When the CPU is the bottleneck, how long the loop takes
+to come back to its sockets is how much admitted work each turn runs. Refusing all while behind and admitting
+all once caught up made the loop swing between the two: the turn after it caught up admitted every request
+that had queued meanwhile, and the refusals read in the turns after waited behind that batch (refused p99
+18 ms at a 5 ms limit, measured). The cap settles where the loop keeps about ``max_lag_s`` (refused p99 6 ms
+at a 2 ms limit, more admitted too: benchmarks/overload_cpu.py). A process with nothing in flight always
+admits, so one long request or a garbage collection refuses nothing by itself, and the cap never starves
+the process.
 
 The CPU condition tells overload of this process from a loop that is late because the machine did not run it
 (another process had the core, a model loading in a worker thread held the GIL): refusing then would not
@@ -44,7 +48,8 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 0.005  # a tick every 5 ms: 200 wake-ups per second, a few microseconds each
 BUSY_HALF_LIFE_S = 0.05  # the loop thread's CPU share is averaged over about this long
-MIN_BUSY = 0.7  # refuse only while the loop's thread ran at least this share of the time
+MIN_BUSY = 0.7  # lower the cap only while the loop's thread ran at least this share of the time
+CAP_CEILING = 1024.0  # a cap raised past this is lifted (far above any in-flight limit a process would set)
 
 
 class LoopLag:
@@ -57,26 +62,29 @@ class LoopLag:
         self.interval_s = interval_s
         self.min_busy = min_busy
         self.lag_s = 0.0  # how late the last tick ran
-        self.late_ticks = 0  # ticks in a row that ran max_lag_s late or more
+        self.cap = math.inf  # requests in flight admitted (AIMD on the lag); inf: no cap
+        self._peak = 0  # the most requests in flight ``admits`` was asked about since the last tick
         self.busy = 0.0  # the loop thread's recent share of CPU time (0..1, decaying average)
         self._due = math.inf  # when the next tick should run (time.monotonic)
         self.record: list[float] | None = None  # when a list: every tick's lag is appended (benchmarks)
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def overloaded(self) -> bool:
-        """Whether a new request should be refused now: the loop is behind and it is this process's own work."""
-        if self.max_lag_s <= 0 or self.busy < self.min_busy or not self.late_ticks:
-            return False
-        return self.late_ticks >= 2 or time.monotonic() - self._due >= self.max_lag_s
+    def admits(self, in_flight: int) -> bool:
+        """Whether a new request may start with ``in_flight`` others already started and not finished."""
+        if in_flight > self._peak:
+            self._peak = in_flight
+        return in_flight < self.cap
 
     def behind_ms(self) -> int:
         """How far behind the loop is now, in whole ms."""
         return round(1000 * max(self.lag_s, time.monotonic() - self._due))
 
     def refusal(self) -> Overloaded:
-        """The 503 for a request refused because ``overloaded`` (the caller counts it in its shed counter)."""
-        return Overloaded(f"this process is {self.behind_ms()} ms behind on its work; retry shortly")
+        """The 503 for a request ``admits`` turned away (the caller counts it in its shed counter)."""
+        return Overloaded(
+            f"this process is {self.behind_ms()} ms behind on its own work and takes {math.ceil(self.cap)} requests"
+            " at a time; retry shortly"
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -91,29 +99,29 @@ class LoopLag:
 
     def _reset(self) -> None:
         """Nothing measures the loop any more: no verdict may rest on the last values."""
-        self._due, self.lag_s, self.late_ticks, self.busy = math.inf, 0.0, 0, 0.0
+        self._due, self.lag_s, self.busy, self.cap, self._peak = math.inf, 0.0, 0.0, math.inf, 0
         metrics.EVENT_LOOP_BUSY.set(0.0)
+        metrics.EVENT_LOOP_CAP.set(math.inf)
 
     async def _run(self) -> None:
         try:
             await self._sample()
         except asyncio.CancelledError:
             raise
-        except Exception:  # never leave a frozen "overloaded" behind: that would refuse every request
+        except Exception:  # never leave a frozen cap behind: it would refuse what the process could take
             log.exception("the event-loop lag detector stopped; nothing is refused for lag any more")
         finally:
             self._reset()
 
     async def _sample(self) -> None:
         wall, cpu = time.monotonic(), time.thread_time()  # the loop's own thread: the one a backlog waits for
-        observe, gauge_busy = metrics.EVENT_LOOP_LAG.observe, metrics.EVENT_LOOP_BUSY
+        observe, gauge_busy, gauge_cap = metrics.EVENT_LOOP_LAG.observe, metrics.EVENT_LOOP_BUSY, metrics.EVENT_LOOP_CAP
         while True:
             self._due = wall + self.interval_s
             await asyncio.sleep(self.interval_s)
             now, now_cpu = time.monotonic(), time.thread_time()
             elapsed = now - wall
             self.lag_s = max(0.0, now - self._due)
-            self.late_ticks = self.late_ticks + 1 if self.max_lag_s > 0 and self.lag_s >= self.max_lag_s else 0
             if self.record is not None:
                 self.record.append(self.lag_s)
             if elapsed > 0:
@@ -123,3 +131,16 @@ class LoopLag:
             wall, cpu = now, now_cpu
             observe(self.lag_s)
             gauge_busy.set(self.busy)
+            if self.max_lag_s > 0:
+                self.adjust_cap()
+                gauge_cap.set(self.cap)
+
+    def adjust_cap(self) -> None:
+        """Each tick's step of the cap, from the tick's lag, the CPU share and the most requests in flight the
+        admissions since the tick before saw."""
+        if self.lag_s >= self.max_lag_s:
+            if self.busy >= self.min_busy:  # behind on its own work: halve what it actually had in flight
+                self.cap = max(1.0, min(self.cap, self._peak) / 2)
+        elif self.cap < math.inf:
+            self.cap = self.cap + 1 if self.cap < CAP_CEILING else math.inf
+        self._peak = 0

@@ -23,6 +23,7 @@ to a neutral value there instead. With one worker (the default) nothing of this 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
 from bisect import bisect_left
@@ -63,6 +64,13 @@ EVENT_LOOP_BUSY = Gauge(
     "Share of recent time the event loop's thread spent on the CPU (decaying average, half-life 50 ms).",
     multiprocess_mode="livemax",
 )
+EVENT_LOOP_CAP = Gauge(
+    "rtml_event_loop_in_flight_cap",
+    "Requests in flight the process takes while its event loop runs behind on its own work (RTML_MAX_LOOP_LAG_MS;"
+    " +Inf: no cap).",
+    multiprocess_mode="livemin",
+)
+EVENT_LOOP_CAP.set(math.inf)  # a gauge starts at 0, which would read "takes nothing"
 
 # Kafka
 KAFKA_PUBLISHED = Counter("rtml_kafka_published_total", "Records acknowledged by the broker.", ["topic"])

@@ -119,11 +119,12 @@ class Settings(BaseSettings):
     # ingest admission, per process: events waiting for the broker's acks; a request whose events would take
     # more is refused the same way (one request is always admitted when nothing is pending, whatever its size).
     ingest_max_pending_events: int = Field(default=200_000, ge=1)
-    # overload of the process itself (rtml.core.looplag): when > 0, predict, recommend and ingest requests are
-    # refused at once (503 overloaded + Retry-After) while the event loop runs this far behind on its own work,
-    # so refusals stay fast when the CPU, not a dependency, is the bottleneck. Off (0) by default: it also refuses
-    # bursts that would only have queued a little longer than this (docs/reliability.md#overload). The lag is
-    # exported either way (rtml_event_loop_lag_seconds).
+    # overload of the process itself (rtml.core.looplag): when > 0, the event loop's lag caps the requests a
+    # process has in flight (each 5 ms tick this far late while the loop's thread is busy halves the cap from
+    # what was in flight; each tick on time adds one back), and predict, recommend and ingest requests past the
+    # cap are refused at once (503 overloaded + Retry-After), so refusals stay fast when the CPU, not a
+    # dependency, is the bottleneck. Off (0) by default: it also refuses a little of the bursts a process near
+    # its capacity would only have queued (docs/reliability.md#overload). The lag is exported either way.
     max_loop_lag_ms: float = Field(default=0.0, ge=0)
     # feedback: how long a prediction waits for its outcome (and an outcome for its prediction)
     join_ttl: Duration = 3600 * 1000

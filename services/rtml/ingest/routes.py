@@ -3,8 +3,9 @@
 Admission (per process, ``Admission``): past ``RTML_INGEST_MAX_IN_FLIGHT`` requests in flight the next one is
 answered 503 ``overloaded`` with ``Retry-After`` at once, before its body is read; past
 ``RTML_INGEST_MAX_PENDING_EVENTS`` events waiting for the broker's acks, a request is refused the same way once
-its events are counted; with ``RTML_MAX_LOOP_LAG_MS`` set, while the process's event loop is that far behind
-on its own work (``rtml.core.looplag``), requests are refused the same way before their body is read. All are
+its events are counted; with ``RTML_MAX_LOOP_LAG_MS`` set, past the lower cap on requests in flight that the
+event loop's lag sets while the loop is that far behind on its own work (``rtml.core.looplag``), requests are
+refused the same way before their body is read. All are
 counted in ``rtml_ingest_shed_total``. So a burst beyond what the broker acknowledges costs bounded memory and
 quick refusals, not a queue that times everyone out.
 """
@@ -32,7 +33,7 @@ router = APIRouter(prefix="/v1", tags=["ingest"])
 
 class Admission:
     """The in-flight counts of one ingest process (one event loop: plain integers, no lock), and its loop's lag
-    (``rtml.core.looplag``: the process is behind on its own work when the CPU is the bottleneck)."""
+    (``rtml.core.looplag``: the cap on requests in flight while the process is behind on its own work)."""
 
     def __init__(self, max_in_flight: int, max_pending_events: int, lag: LoopLag) -> None:
         self.max_in_flight = max_in_flight
@@ -43,7 +44,7 @@ class Admission:
 
     @property
     def full(self) -> bool:
-        return self.in_flight >= self.max_in_flight or self.lag.overloaded
+        return self.in_flight >= self.max_in_flight or not self.lag.admits(self.in_flight)
 
     def refusal(self) -> Overloaded:
         """The 503 for a request that finds the process full, counted as shed."""

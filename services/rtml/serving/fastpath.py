@@ -15,9 +15,10 @@ Admission, for web apps that would rather have a fast fallback than a slow answe
 - **Deadline.** ``X-Request-Timeout-Ms`` (else ``RTML_PREDICT_TIMEOUT_MS``) sets when the request must be
   answered. The feature read gets what is left of it; when Redis is slower, the read is abandoned and the
   model scores with defaults, ``degraded: true`` (see ``Predictor``).
-- **Shedding.** Past ``RTML_PREDICT_MAX_IN_FLIGHT`` requests in this process, or while its event loop runs
-  ``RTML_MAX_LOOP_LAG_MS`` behind on its own work (``rtml.core.looplag``: the CPU is the bottleneck), the next
-  one is answered 503 with ``Retry-After`` at once instead of queueing into everyone's timeouts.
+- **Shedding.** Past ``RTML_PREDICT_MAX_IN_FLIGHT`` requests in this process, or past the lower cap its event
+  loop's lag sets while the loop runs ``RTML_MAX_LOOP_LAG_MS`` behind on its own work (``rtml.core.looplag``:
+  the CPU is the bottleneck), the next one is answered 503 with ``Retry-After`` at once instead of queueing
+  into everyone's timeouts.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class FastPath:
             if self.in_flight >= self.max_in_flight:
                 self._shed[route.path].inc()
                 raise Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
-            if self.lag.overloaded:
+            if not self.lag.admits(self.in_flight):
                 self._shed[route.path].inc()
                 raise self.lag.refusal()
             deadline = asyncio.get_running_loop().time() + (

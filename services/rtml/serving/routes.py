@@ -140,7 +140,7 @@ async def predict(request: Request, body: PredictRequest) -> Any:
     defaults (else 0.0). ``degraded`` is true when the feature store could not be read, or not before the
     request's deadline (``X-Request-Timeout-Ms``, default ``RTML_PREDICT_TIMEOUT_MS``). 503 with Retry-After
     when more than ``RTML_PREDICT_MAX_IN_FLIGHT`` requests are in flight or, with ``RTML_MAX_LOOP_LAG_MS``
-    set, while the process is that far behind on its own work."""
+    set, more than the process takes while it runs that far behind on its own work."""
     return JSONBytes(await answer_predict(_predictor(request), body, None))
 
 
