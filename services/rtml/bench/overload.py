@@ -40,8 +40,9 @@ from rtml.core.settings import Settings
 
 Of = Literal["predict", "ingest"]
 MAX_CONNECTIONS = 1_000
-# A keep-alive connection idle longer than this is closed rather than reused: uvicorn closes idle ones after 5 s
-# (timeout_keep_alive), and a request written as it does so fails without being an answer of the server's.
+# A keep-alive connection idle longer than this is closed rather than reused: a server closes idle ones after
+# its keep-alive timeout (rtml serve: 75 s; uvicorn's default: 5 s), and a request written as it does so fails
+# without being an answer of the server's.
 MAX_IDLE_S = 2.0
 TARGET_REFUSAL_P99_MS = 5.0
 # The capacity is the best admitted rate of closed loops at these concurrencies (and the in-flight limit): when

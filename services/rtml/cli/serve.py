@@ -91,6 +91,13 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+# How long an idle keep-alive connection stays open. Longer than clients keep theirs (httpx: 5 s) and than load
+# balancers do (AWS ALB: 60 s), so that they, not rtml, close an idle one: a server closing first races every
+# client reusing it (the request leaves as the connection closes; the caller gets a connection error, not an
+# answer). uvicorn's default, 5 s, lost that race in CI. 75 s is nginx's default.
+KEEP_ALIVE_S = 75
+
+
 def _uvicorn_options(settings: Settings, name: Service) -> dict[str, Any]:
     return {
         "host": settings.host,
@@ -103,6 +110,7 @@ def _uvicorn_options(settings: Settings, name: Service) -> dict[str, Any]:
         "server_header": False,
         "lifespan": "on",
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        "timeout_keep_alive": KEEP_ALIVE_S,
     }
 
 
