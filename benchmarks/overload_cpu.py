@@ -11,16 +11,18 @@ itself: the same decision serving's fast path and ingest make (``in_flight >= li
 The server (``--serve``, started by this script) is uvicorn (uvloop, httptools) with a bare ASGI app: an
 admitted request costs ``--cost-ms`` of CPU in two halves around one turn of the loop (where a real request
 awaits Redis); a refused one costs only the HTTP exchange. Each round, for the lag limit off (0) and then
-``--lag-ms``: start the server, warm up, measure capacity (the best admitted rate of closed loops at 1, 4, 16
-and 64 in flight), offer twice that open loop for ``--phase-s`` with the client's GC off, stop. Then the
-baseline, ``floor``: the same client at the same offered rate against requests that cost nothing (nothing is
-refused): the fastest any answer comes back on this machine, the client's and the loopback's own tail.
+``--lag-ms``: start the server, warm up; with the lag limit off, measure capacity (the best admitted rate of
+closed loops at 1, 4, 16 and 64 in flight); offer ``--factor`` (2) times that open loop for ``--phase-s`` with
+the client's GC off, stop. Then the baseline, ``floor``: the same client at the same offered rate against
+requests that cost nothing (nothing is refused): the fastest any answer comes back on this machine, the
+client's and the loopback's own tail.
 Reported per setting, as medians over rounds: capacity, admitted per second, admitted and refused p50/p99 of
 the requests sent after the first 0.5 s (steady state) and of those sent in it (onset), other answers, and the
 client's own loop lag (when high, the client was the bottleneck); and the refused p99 over the floor's p99.
 Linux, 2+ CPUs (~3 min with the defaults):
 
-    python benchmarks/overload_cpu.py [--rounds 3] [--lag-ms 2] [--cost-ms 0.5] [--phase-s 8]
+    python benchmarks/overload_cpu.py [--rounds 3] [--lag-ms 2] [--cost-ms 0.5] [--phase-s 8] [--factor 2]
+        [--confirm-ticks N]
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ ONSET_S = 0.5
 MAX_IN_FLIGHT = 64  # RTML_PREDICT_MAX_IN_FLIGHT's default
 
 
-def serve(port: int, lag_ms: float, cost_ms: float) -> None:
+def serve(port: int, lag_ms: float, cost_ms: float, confirm_ticks: int) -> None:
     """The server: uvicorn with an app that burns ``cost_ms`` of CPU per admitted request."""
     import uvicorn
 
-    from rtml.core.looplag import LoopLag
+    from rtml.core.looplag import CONFIRM_TICKS, LoopLag
 
-    lag = LoopLag(lag_ms / 1000)
+    lag = LoopLag(lag_ms / 1000, confirm_ticks=confirm_ticks or CONFIRM_TICKS)
     in_flight = 0
+    lag.watch(lambda: in_flight)
     refusal = b'{"error":{"code":"overloaded","message":"retry shortly"}}'
 
     def burn(seconds: float) -> None:
@@ -94,7 +97,7 @@ def pct(values: list[float], q: float) -> float | None:
     return None if value is None else round(1000 * value, 2)
 
 
-async def one_run(port: int, phase_s: float, rate: float | None) -> dict[str, Any]:
+async def one_run(port: int, phase_s: float, rate: float | None, factor: float) -> dict[str, Any]:
     from rtml.bench.overload import Pool, closed_loop, no_gc, open_loop
     from rtml.bench.rawhttp import build_request
     from rtml.core.looplag import LoopLag
@@ -110,7 +113,7 @@ async def one_run(port: int, phase_s: float, rate: float | None) -> dict[str, An
                 got, took = await closed_loop(pool, requests, concurrency=c, duration_s=1.0)
                 rates[c] = sum(1 for a in got if a.status == 200) / took
             capacity = max(rates.values())
-            rate = 2 * capacity
+            rate = factor * capacity
         own = LoopLag(0)
         own.record = []
         own.start()
@@ -138,12 +141,21 @@ async def one_run(port: int, phase_s: float, rate: float | None) -> dict[str, An
     return out
 
 
-def run(lag_ms: float, cost_ms: float, phase_s: float, server_cpu: int, rate: float | None = None) -> dict[str, Any]:
+def run(
+    lag_ms: float,
+    cost_ms: float,
+    phase_s: float,
+    server_cpu: int,
+    confirm_ticks: int,
+    factor: float,
+    rate: float | None = None,
+) -> dict[str, Any]:
     from rtml.core.embedded import free_port, wait_for_port
 
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(port), "--lag-ms", str(lag_ms), "--cost-ms", str(cost_ms)]
+        + ["--confirm-ticks", str(confirm_ticks)]
     )
     try:
         os.sched_setaffinity(server.pid, {server_cpu})
@@ -151,9 +163,9 @@ def run(lag_ms: float, cost_ms: float, phase_s: float, server_cpu: int, rate: fl
         try:
             import uvloop
 
-            return uvloop.run(one_run(port, phase_s, rate))
+            return uvloop.run(one_run(port, phase_s, rate, factor))
         except (ImportError, AttributeError):  # no uvloop, or one older than uvloop.run (0.18)
-            return asyncio.run(one_run(port, phase_s, rate))
+            return asyncio.run(one_run(port, phase_s, rate, factor))
     finally:
         server.terminate()
         server.wait(10)
@@ -180,9 +192,11 @@ def main() -> None:
     parser.add_argument("--lag-ms", type=float, default=2.0)
     parser.add_argument("--cost-ms", type=float, default=0.5)
     parser.add_argument("--phase-s", type=float, default=8.0)
+    parser.add_argument("--factor", type=float, default=2.0, help="offered rate over the measured capacity")
+    parser.add_argument("--confirm-ticks", type=int, default=0, help="late ticks before a halving (0: rtml's)")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.lag_ms, args.cost_ms)
+        serve(args.serve, args.lag_ms, args.cost_ms, args.confirm_ticks)
         return
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -190,12 +204,17 @@ def main() -> None:
     os.sched_setaffinity(0, {cpus[1]})
     runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": [], "floor": []}
     for _ in range(args.rounds):
-        runs["off"].append(run(0.0, args.cost_ms, args.phase_s, cpus[0]))
-        runs["on"].append(run(args.lag_ms, args.cost_ms, args.phase_s, cpus[0]))
+        runs["off"].append(run(0.0, args.cost_ms, args.phase_s, cpus[0], args.confirm_ticks, args.factor))
+        # the same offered rate with the lag cap: a capacity measured with it on would be lower (closed loops of
+        # many in flight get refused), and so would the load
+        offered = runs["off"][-1]["offered"]
+        on = run(args.lag_ms, args.cost_ms, args.phase_s, cpus[0], args.confirm_ticks, args.factor, rate=offered)
+        runs["on"].append(on)
         # the floor: the same client at the same offered rate against requests that cost nothing, so nothing
         # is refused: how fast any answer can be on this machine (the client and the loopback's own tail)
-        runs["floor"].append(run(0.0, 0.0, args.phase_s, cpus[0], rate=runs["off"][-1]["offered"]))
+        runs["floor"].append(run(0.0, 0.0, args.phase_s, cpus[0], args.confirm_ticks, args.factor, rate=offered))
     from rtml.bench.stats import ratio
+    from rtml.core.looplag import CONFIRM_TICKS
 
     medians = {s: median_of(r) for s, r in runs.items()}
     off, on, floor = medians["off"]["steady"], medians["on"]["steady"], medians["floor"]["steady"]
@@ -204,6 +223,8 @@ def main() -> None:
         "rounds": args.rounds,
         "cost_ms": args.cost_ms,
         "phase_s": args.phase_s,
+        "factor": args.factor,
+        "confirm_ticks": args.confirm_ticks or CONFIRM_TICKS,
         "lag_off": medians["off"],
         f"lag_{args.lag_ms:g}ms": medians["on"],
         "floor": medians["floor"],

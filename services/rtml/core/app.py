@@ -297,7 +297,7 @@ _ERRORS: dict[str, str] = {
     "413": "the body is over the size limit",
     "422": "the request does not validate; details names each bad field",
     "503": "a dependency (broker or Redis) is unavailable, or the process is overloaded (too many requests in "
-    "flight, or too far behind on its work): retry after Retry-After seconds",
+    "flight, or more than it takes while behind on its own work): retry after Retry-After seconds",
 }
 _HEADERS: dict[str, dict[str, Any]] = {
     "401": {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},

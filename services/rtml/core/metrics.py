@@ -15,7 +15,8 @@ Several uvicorn workers (``RTML_WORKERS`` > 1, see rtml.cli.serve). ``rtml serve
 value in a per-process file there, and ``GET /metrics`` (any worker) merges the files of all workers
 (``scrape()``): counters and histograms are summed over workers (dead ones included, so totals never go
 back), and every gauge declares how its workers combine (``multiprocess_mode``: ``livesum``, ``livemax``,
-``livemostrecent``; "live" = only workers still running, a worker's files are marked dead when it exits).
+``livemin``, ``livemostrecent``; "live" = only workers still running, a worker's files are marked dead when it
+exits).
 A series cannot be removed in that mode, so code that drops a gauge's series calls ``drop()``, which sets it
 to a neutral value there instead. With one worker (the default) nothing of this is used.
 """
@@ -66,8 +67,8 @@ EVENT_LOOP_BUSY = Gauge(
 )
 EVENT_LOOP_CAP = Gauge(
     "rtml_event_loop_in_flight_cap",
-    "Requests in flight the process takes while its event loop runs behind on its own work (RTML_MAX_LOOP_LAG_MS;"
-    " +Inf: no cap).",
+    "Requests in flight a serving or ingest process takes while its event loop runs behind on its own work"
+    " (RTML_MAX_LOOP_LAG_MS; +Inf: no cap).",
     multiprocess_mode="livemin",
 )
 EVENT_LOOP_CAP.set(math.inf)  # a gauge starts at 0, which would read "takes nothing"
@@ -104,8 +105,8 @@ INGEST_REJECTED = Counter("rtml_ingest_events_rejected_total", "Events rejected 
 INGEST_BYTES = Counter("rtml_ingest_bytes_total", "Request body bytes received on /v1/events.")
 INGEST_SHED = Counter(
     "rtml_ingest_shed_total",
-    "POST /v1/events requests refused at once (503): too many requests or events in flight, or the event "
-    "loop too far behind.",
+    "POST /v1/events requests refused at once (503): too many requests or events in flight, or past the cap "
+    "the event loop's lag sets (RTML_MAX_LOOP_LAG_MS).",
 )
 INGEST_IN_FLIGHT = Gauge(
     "rtml_ingest_in_flight_requests", "POST /v1/events requests being handled.", multiprocess_mode="livesum"
@@ -136,7 +137,7 @@ REDIS_SECONDS = Histogram(
 PREDICTIONS = Counter("rtml_predictions_total", "Predictions by model and version.", ["model", "version"])
 SERVING_SHED = Counter(
     "rtml_serving_shed_total",
-    "Requests refused at once (503): too many in flight, or the event loop too far behind.",
+    "Requests refused at once (503): too many in flight, or past the cap the event loop's lag sets.",
     ["route"],
 )
 SERVING_DEADLINE_EXCEEDED = Counter(

@@ -41,6 +41,7 @@ class Admission:
         self.lag = lag
         self.in_flight = 0
         self.pending_events = 0
+        lag.watch(lambda: self.in_flight)  # its cap halves from what is in flight
 
     @property
     def full(self) -> bool:
@@ -112,9 +113,9 @@ _BODY_DOC: dict[str, Any] = {
     responses={
         422: {"description": "invalid events, each named by index and field; nothing published"},
         503: {
-            "description": "overloaded (too many requests or events in flight, or the process too far behind "
-            "on its own work) or the broker did not "
-            "acknowledge: nothing of the request is acknowledged; retry after Retry-After seconds"
+            "description": "overloaded (too many requests or events in flight, or more than the process takes "
+            "while behind on its own work) or the broker did not acknowledge: nothing of the request is "
+            "acknowledged; retry after Retry-After seconds"
         },
     },
 )

@@ -88,6 +88,7 @@ class FastPath:
         self.default_timeout_s: float = settings.predict_timeout_ms / 1000
         self.in_flight = 0
         self.lag: LoopLag = state.loop_lag
+        self.lag.watch(lambda: self.in_flight)  # its cap halves from what is in flight
         self.routes = {
             "/v1/predict": _Route("/v1/predict", PredictRequest, answer_predict),
             "/v1/recommend": _Route("/v1/recommend", RecommendRequest, answer_recommend),
