@@ -131,11 +131,8 @@ async def get(client: httpx.AsyncClient, url: str) -> httpx.Response:
         raise AssertionError(f"GET {url}: {exc!r}") from exc
 
 
-metric = metric_value
-
-
 async def metric_of(client: httpx.AsyncClient, service: Service, name: str, **labels: str) -> float:
-    return metric((await get(client, f"{service.url}/metrics")).text, name, **labels)
+    return metric_value((await get(client, f"{service.url}/metrics")).text, name, **labels)
 
 
 async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:

@@ -49,10 +49,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    wait_http_ready(url, proc, log)
-
-
 def scrape(url: str) -> dict[str, list[Any]]:
     """family name -> samples, over a new connection (so any worker may answer)."""
     text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=5).text
@@ -120,7 +116,7 @@ def test_two_workers_count_every_request_once(env: dict[str, str], tmp_path: Pat
     ingest = start("ingest", env, 2, tmp_path)
     features = start("features", env, 2, tmp_path)
     try:
-        wait_ready(url, ingest, tmp_path / "ingest.log")
+        wait_http_ready(url, ingest, tmp_path / "ingest.log")
         (metrics_dir,) = tmp.glob("rtml-ingest-metrics-*")
         deadline = time.monotonic() + 30
         while len(worker_pids(metrics_dir)) < 2 and time.monotonic() < deadline:
@@ -171,7 +167,7 @@ def test_two_workers_count_every_request_once(env: dict[str, str], tmp_path: Pat
             assert count_202(scrape(url)) == total
 
         # features with 2 workers: the group's partitions are spread over them, each lag reported once
-        wait_ready(features_url, features, tmp_path / "features.log")
+        wait_http_ready(features_url, features, tmp_path / "features.log")
 
         def consumed() -> tuple[float, dict[str, float]]:
             families = scrape(features_url)
@@ -197,7 +193,7 @@ def test_one_worker_runs_in_process_without_a_multiprocess_directory(env: dict[s
     url = f"http://127.0.0.1:{env['RTML_INGEST_PORT']}"
     ingest = start("ingest", env, 1, tmp_path)
     try:
-        wait_ready(url, ingest, tmp_path / "ingest.log")
+        wait_http_ready(url, ingest, tmp_path / "ingest.log")
         post(url, 3, "one-")
         families = scrape(url)
         assert count_202(families) == 3

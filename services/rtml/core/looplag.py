@@ -141,7 +141,7 @@ class LoopLag:
     async def _sample(self) -> None:
         wall, cpu = time.monotonic(), time.thread_time()  # the loop's own thread: the one a backlog waits for
         self._peak = self._late = 0
-        observe, gauge_busy, gauge_cap = metrics.EVENT_LOOP_LAG.observe, metrics.EVENT_LOOP_BUSY, metrics.EVENT_LOOP_CAP
+        observe, gauge_busy = metrics.EVENT_LOOP_LAG.observe, metrics.EVENT_LOOP_BUSY
         while True:
             self._due = wall + self.interval_s
             await asyncio.sleep(self.interval_s)
@@ -157,12 +157,11 @@ class LoopLag:
             wall, cpu = now, now_cpu
             observe(self.lag_s)
             gauge_busy.set(self.busy)
-            if self.max_lag_s > 0 and self._in_flight is not None:
-                self.adjust_cap()
-                gauge_cap.set(math.ceil(self.cap) if self.cap < math.inf else math.inf)
+            self.adjust_cap()
 
     def adjust_cap(self) -> None:
-        """Each tick's step of the cap, from the tick's lag, the CPU share and the requests in flight."""
+        """Each tick's step of the cap, from the tick's lag, the CPU share and the requests in flight (nothing when
+        refusing is off or nothing is watched)."""
         if self.max_lag_s <= 0 or self._in_flight is None:
             return
         if self.lag_s >= self.max_lag_s and self.busy >= self.min_busy:
@@ -176,3 +175,4 @@ class LoopLag:
             if self.cap < math.inf:
                 self.cap = self.cap + 1 if self.cap < CAP_CEILING else math.inf
         self._peak = 0
+        metrics.EVENT_LOOP_CAP.set(math.ceil(self.cap) if self.cap < math.inf else math.inf)
