@@ -69,6 +69,20 @@ async def test_connect_returns_a_cluster_client_and_the_lean_client_routes_by_sl
         await cluster_redis.delete(*[f"t:{{k{i}}}" for i in range(60)])
 
 
+async def test_warm_up_loads_the_scripts_and_opens_a_connection_to_every_master(cluster_redis: Redis) -> None:
+    scripts = Scripts(cluster_redis, {"get": "return redis.call('GET', KEYS[1])"})
+    try:
+        assert isinstance(scripts.resp, ClusterResp)
+        assert not scripts.warm
+        await scripts.warm_up()
+        assert scripts.warm
+        assert all(scripts.resp.node(addr).connected for addr in masters(cluster_redis))
+        await scripts.run([("get", [f"t:{{w{i}}}"], []) for i in range(30)])
+        assert sorted(scripts.resp.node_calls.values()) == [1, 1, 1]  # only the calls: no map load, no connect
+    finally:
+        await scripts.aclose()
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_feature_store_on_a_cluster_matches_the_reference_and_a_single_node(
     cluster_settings: Settings, settings: Settings, seed: int

@@ -119,6 +119,17 @@ async def test_predict_uses_stored_features_and_logs_them(fast: Settings) -> Non
     assert record["item_id"] == "t9" and record["degraded"] is False and record["ts"] > 0
 
 
+async def test_the_feature_store_is_warm_before_the_first_request(fast: Settings) -> None:
+    """Scripts loaded and the read connection open at start-up: the first predict after a start spends its
+    50 ms deadline on the read, not on SCRIPT LOAD and connects (which answered degraded on a busy CI box)."""
+    await register(fast)
+    app = create_app(fast)
+    async with running(app) as client:
+        assert app.state.predictor.store.scripts.warm
+        resp = await client.post("/v1/predict", json={"entities": {"user_id": "u-warm", "item_id": "t1"}})
+        assert resp.status_code == 200 and resp.json()["degraded"] is False
+
+
 async def test_request_features_override_and_defaults(fast: Settings) -> None:
     await register(fast)
     await write_events(fast, [ev(i, "click", "u1", "t1", now_ms() - 1000) for i in range(3)])

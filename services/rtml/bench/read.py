@@ -56,7 +56,7 @@ async def bench_read(
     redis = connect(settings)
     store = FeatureStore(redis, Keys(prefix), config)
     try:
-        await store.load_scripts()
+        await store.warm_up()
         user = "u0"
         now = now_ms()
         evs = events_for(user, events, now, spread_ms=50 * 60_000)

@@ -400,6 +400,15 @@ class Resp:
         conn.send(pack_commands(commands), _Waiter(future, len(commands), loop.time()))
         return future
 
+    @property
+    def connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and conn.lost is None
+
+    async def connect(self) -> None:
+        """Open the connection now rather than on the first call (see ``Scripts.warm``)."""
+        await self._connect()
+
     async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies (raises the first error reply)."""
         conn = self._conn
@@ -513,6 +522,17 @@ class ClusterResp:
         if task is None or task.done():
             task = self._refreshing = asyncio.get_running_loop().create_task(self._load_map())
         return await asyncio.shield(task)
+
+    @property
+    def connected(self) -> bool:
+        """Every master of the slot map has an open connection (False before the map is loaded)."""
+        slots = self._slots
+        return slots is not None and all(self.node(addr).connected for addr in set(slots))
+
+    async def connect(self) -> None:
+        """Load the slot map and open a connection to every master now rather than on the first calls."""
+        for addr in sorted(set(await self.slot_map())):
+            await self.node(addr).connect()
 
     async def _load_map(self) -> list[Addr]:
         known = list(dict.fromkeys([*(self._slots or []), *self.startup]))
@@ -662,6 +682,19 @@ class Scripts:
         shas = {name: await guarded(self.client.script_load(src), "SCRIPT LOAD") for name, src in self._sources.items()}
         self._shas = shas
         return shas
+
+    @property
+    def warm(self) -> bool:
+        """The scripts are loaded and the request path's connections are open."""
+        return len(self._shas) == len(self._sources) and self.resp.connected
+
+    async def warm_up(self) -> None:
+        """Load the scripts and open the request path's connections before the first call. Without it the
+        first call after a start pays SCRIPT LOAD and one or two connects, which can exceed a tight deadline
+        (serving's 50 ms) on a busy machine and answer ``degraded``. DependencyUnavailable when Redis is
+        down (the first call then does it)."""
+        await self.load()
+        await guarded(self.resp.connect(), "Redis connect")
 
     async def run(self, calls: Sequence[Call], what: str = "Lua call") -> list[Any]:
         """Replies of ``calls``, in order; DependencyUnavailable when Redis is down or busy. Reloads the

@@ -95,8 +95,9 @@ class FeatureStore:
     async def aclose(self) -> None:
         await self.scripts.aclose()
 
-    async def load_scripts(self) -> None:
-        await self.scripts.load()
+    async def warm_up(self) -> None:
+        """Scripts loaded and read connections open before the first read (``Scripts.warm_up``)."""
+        await self.scripts.warm_up()
 
     # -- write path ---------------------------------------------------------------------------------
     def _apply_groups(self, plan: Plan, now: int, *, per_event: bool = False

@@ -45,6 +45,10 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
         await live.refresh()
     except DependencyUnavailable as exc:  # start anyway: the poller loads the models once Redis answers
         log.warning("models not loaded at startup: %s", exc.message)
+    try:  # the first predict would otherwise spend its deadline on SCRIPT LOAD and connects
+        await store.warm_up()
+    except DependencyUnavailable as exc:  # the first read does it once Redis answers
+        log.warning("feature store not warmed up at startup: %s", exc.message)
     try:
         async with Producer(settings) as producer:
             predlog = PredictionLog(producer, settings.prediction_log_buffer)
