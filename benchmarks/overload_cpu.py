@@ -40,10 +40,13 @@ ONSET_S = 0.5
 MAX_IN_FLIGHT = 64  # RTML_PREDICT_MAX_IN_FLIGHT's default
 
 
-def serve(port: int, lag_ms: float, cost_ms: float, confirm_ticks: int) -> None:
-    """The server: uvicorn with an app that burns ``cost_ms`` of CPU per admitted request."""
+def serve(port: int, lag_ms: float, cost_ms: float, confirm_ticks: int, early: bool) -> None:
+    """The server: uvicorn with an app that burns ``cost_ms`` of CPU per admitted request; with ``early``, the
+    refusals are written by ``rtml serve``'s HTTP protocol (``rtml.core.early``) before a task exists."""
     import uvicorn
 
+    from rtml.core.early import RefusingHttpToolsProtocol
+    from rtml.core.errors import Overloaded, RtmlError
     from rtml.core.looplag import CONFIRM_TICKS, LoopLag
 
     lag = LoopLag(lag_ms / 1000, confirm_ticks=confirm_ticks or CONFIRM_TICKS)
@@ -86,7 +89,15 @@ def serve(port: int, lag_ms: float, cost_ms: float, confirm_ticks: int) -> None:
             in_flight -= 1
         await respond(send, 200, b"{}", [])
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    def early_refusal(method: bytes, path: bytes, headers: Any) -> RtmlError | None:
+        if in_flight >= MAX_IN_FLIGHT or not lag.admits(in_flight):
+            return Overloaded("retry shortly")
+        return None
+
+    if early:
+        app.early_refusal = early_refusal  # type: ignore[attr-defined]
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="uvloop",
+                http=RefusingHttpToolsProtocol, proxy_headers=False)  # fmt: skip
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -149,6 +160,7 @@ def run(
     confirm_ticks: int,
     factor: float,
     rate: float | None = None,
+    early: bool = False,
 ) -> dict[str, Any]:
     from rtml.core.embedded import free_port, wait_for_port
 
@@ -156,6 +168,7 @@ def run(
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(port), "--lag-ms", str(lag_ms), "--cost-ms", str(cost_ms)]
         + ["--confirm-ticks", str(confirm_ticks)]
+        + (["--early"] if early else [])
     )
     try:
         os.sched_setaffinity(server.pid, {server_cpu})
@@ -194,15 +207,16 @@ def main() -> None:
     parser.add_argument("--phase-s", type=float, default=8.0)
     parser.add_argument("--factor", type=float, default=2.0, help="offered rate over the measured capacity")
     parser.add_argument("--confirm-ticks", type=int, default=0, help="late ticks before a halving (0: rtml's)")
+    parser.add_argument("--early", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.lag_ms, args.cost_ms, args.confirm_ticks)
+        serve(args.serve, args.lag_ms, args.cost_ms, args.confirm_ticks, args.early)
         return
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("needs 2 CPUs: the server on one, the client on the other")
     os.sched_setaffinity(0, {cpus[1]})
-    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": [], "floor": []}
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": [], "early": [], "floor": []}
     for _ in range(args.rounds):
         runs["off"].append(run(0.0, args.cost_ms, args.phase_s, cpus[0], args.confirm_ticks, args.factor))
         # the same offered rate with the lag cap: a capacity measured with it on would be lower (closed loops of
@@ -210,6 +224,9 @@ def main() -> None:
         offered = runs["off"][-1]["offered"]
         on = run(args.lag_ms, args.cost_ms, args.phase_s, cpus[0], args.confirm_ticks, args.factor, rate=offered)
         runs["on"].append(on)
+        # the same, with the refusals written by the HTTP protocol (rtml serve's) instead of the app
+        runs["early"].append(run(args.lag_ms, args.cost_ms, args.phase_s, cpus[0], args.confirm_ticks, args.factor,
+                                 rate=offered, early=True))  # fmt: skip
         # the floor: the same client at the same offered rate against requests that cost nothing, so nothing
         # is refused: how fast any answer can be on this machine (the client and the loopback's own tail)
         runs["floor"].append(run(0.0, 0.0, args.phase_s, cpus[0], args.confirm_ticks, args.factor, rate=offered))
@@ -218,6 +235,7 @@ def main() -> None:
 
     medians = {s: median_of(r) for s, r in runs.items()}
     off, on, floor = medians["off"]["steady"], medians["on"]["steady"], medians["floor"]["steady"]
+    early = medians["early"]["steady"]
     summary = {
         "bench": "overload_cpu",
         "rounds": args.rounds,
@@ -227,10 +245,13 @@ def main() -> None:
         "confirm_ticks": args.confirm_ticks or CONFIRM_TICKS,
         "lag_off": medians["off"],
         f"lag_{args.lag_ms:g}ms": medians["on"],
+        f"lag_{args.lag_ms:g}ms_early": medians["early"],
         "floor": medians["floor"],
         "admitted_p99_off_over_on": ratio(off["admitted_p99_ms"], on["admitted_p99_ms"]),
         "refused_p99_off_over_on": ratio(off["refused_p99_ms"], on["refused_p99_ms"]),
         "refused_p99_on_over_floor": ratio(on["refused_p99_ms"], floor["admitted_p99_ms"]),
+        "refused_p99_on_over_early": ratio(on["refused_p99_ms"], early["refused_p99_ms"]),
+        "refused_p99_early_over_floor": ratio(early["refused_p99_ms"], floor["admitted_p99_ms"]),
         "runs": runs,
     }
     print(json.dumps(summary, indent=2))

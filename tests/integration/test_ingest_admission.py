@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from rtml.core.errors import Overloaded
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 from rtml.ingest.app import create_app
@@ -44,11 +45,22 @@ async def test_a_full_process_refuses_authorized_callers_with_503_and_others_wit
             wrong = await client.post("/v1/events", json=event, headers={"Authorization": "Bearer pk"})
             assert wrong.status_code == 403
             assert (await client.get("/healthz")).status_code == 200  # health and metrics are never refused
+            # what rtml serve's HTTP protocol asks first (rtml.core.early): the same decision, counted the same
+            early = app.early_refusal(b"POST", b"/v1/events", [(b"authorization", b"Bearer ik")])
+            assert isinstance(early, Overloaded) and early.status == 503
+            for method, path, headers in [
+                (b"POST", b"/v1/events", []),  # no key: the app answers 401
+                (b"POST", b"/v1/events", [(b"authorization", b"Bearer pk")]),  # wrong scope: 403
+                (b"GET", b"/v1/events", [(b"authorization", b"Bearer ik")]),
+                (b"POST", b"/healthz", [(b"authorization", b"Bearer ik")]),
+            ]:
+                assert app.early_refusal(method, path, headers) is None
             text = (await client.get("/metrics")).text
-            assert shed(text) == before + 1
+            assert shed(text) == before + 2
             assert 'rtml_http_requests_total{method="POST",route="/v1/events",service="ingest",status="503"}' in text
         finally:
             admission.in_flight = 0
+        assert app.early_refusal(b"POST", b"/v1/events", [(b"authorization", b"Bearer ik")]) is None
         again = await client.post("/v1/events", json=event, headers={"Authorization": "Bearer ik"})
         assert again.status_code == 202  # room again: admitted
         assert admission.in_flight == 0 and admission.pending_events == 0

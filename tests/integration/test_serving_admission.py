@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from rtml.core.errors import Overloaded
 from rtml.core.redis import connect
 from rtml.core.settings import Settings
 from rtml.serving.app import create_app
@@ -112,6 +113,42 @@ async def test_past_the_in_flight_limit_requests_are_refused_at_once(settings: S
         assert shed((await client.get("/metrics")).text, "/v1/predict") == before + 1
         # health and metrics are never shed
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_the_early_refusal_is_the_fast_paths_decision_counted_the_same_way(make_settings: Any) -> None:
+    """What rtml serve's HTTP protocol asks before a request becomes a task (rtml.core.early): a 503 only for
+    a full process and a caller with the right key (else the fast path answers, 401/403 included)."""
+    s: Settings = make_settings(api_keys="pk:predict,ik:ingest", predict_max_in_flight=2)
+    app = create_app(s)
+    good = [(b"authorization", b"Bearer pk")]
+    async with running(app) as client:
+        text = (await client.get("/metrics")).text
+        before = {r: shed(text, r) for r in ROUTES}
+        answered_503 = metric_value(text, "rtml_http_requests_total", service="serving", route="/v1/recommend",
+                                    method="POST", status="503")  # fmt: skip
+        assert app.fast is not None
+        assert app.early_refusal(b"POST", b"/v1/predict", good) is None  # room: admitted
+        app.fast.in_flight = 2  # as if two requests were waiting for Redis
+        try:
+            for route in ROUTES:
+                refusal = app.early_refusal(b"POST", route.encode(), good)
+                assert isinstance(refusal, Overloaded) and refusal.headers() == {"Retry-After": "1"}
+            for method, path, headers in [
+                (b"POST", b"/v1/predict", []),
+                (b"POST", b"/v1/predict", [(b"authorization", b"Bearer ik")]),
+                (b"GET", b"/v1/predict", good),
+                (b"POST", b"/v1/models/ctr/promote", good),
+            ]:
+                assert app.early_refusal(method, path, headers) is None
+            assert (
+                await client.post("/v1/predict", json={}, headers={"Authorization": "Bearer ik"})
+            ).status_code == 403
+        finally:
+            app.fast.in_flight = 0
+        text = (await client.get("/metrics")).text
+        assert {r: shed(text, r) for r in ROUTES} == {r: before[r] + 1 for r in ROUTES}
+        assert metric_value(text, "rtml_http_requests_total", service="serving", route="/v1/recommend",
+                            method="POST", status="503") == answered_503 + 1  # fmt: skip
 
 
 async def test_a_promotion_is_picked_up_from_the_models_topic_without_polling(settings: Settings) -> None:

@@ -44,8 +44,17 @@ class RawConnection:
 
     async def exchange(self, raw: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
         """Send one pre-built request; (status, headers with lower-case names, body)."""
-        assert self._reader is not None and self._writer is not None, "use as an async context manager"
+        self.write(raw)
+        return await self.response()
+
+    def write(self, raw: bytes) -> None:
+        """Send bytes as they are: one request, or several at once (pipelined)."""
+        assert self._writer is not None, "use as an async context manager"
         self._writer.write(raw)
+
+    async def response(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        """The next response on the connection: (status, headers with lower-case names, body)."""
+        assert self._reader is not None, "use as an async context manager"
         head = await self._reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         headers: dict[bytes, bytes] = {}

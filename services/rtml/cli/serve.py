@@ -33,6 +33,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from rtml.cli.common import CliError, configure_logging, load_settings, run
+from rtml.core.early import RefusingHttpToolsProtocol
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 
@@ -103,7 +104,7 @@ def _uvicorn_options(settings: Settings, name: Service) -> dict[str, Any]:
         "host": settings.host,
         "port": settings.port_of(name.value),
         "loop": "uvloop",
-        "http": "httptools",
+        "http": RefusingHttpToolsProtocol,  # httptools, with load refusals written before a task exists
         "log_level": settings.log_level.lower(),
         "access_log": False,
         "proxy_headers": False,  # nothing uses the client address; it costs a middleware on every request

@@ -11,12 +11,14 @@ from starlette.types import Receive, Scope, Send
 
 from rtml.core import metrics
 from rtml.core.app import ReadinessCheck, build_app, error_response
+from rtml.core.early import Headers
 from rtml.core.errors import RtmlError
 from rtml.core.kafka import Producer
 from rtml.core.settings import Settings
 from rtml.ingest.routes import Admission, router
 
 EVENTS_PATH = "/v1/events"
+_EVENTS_PATH_BYTES = EVENTS_PATH.encode()
 
 
 class IngestApp(FastAPI):
@@ -27,21 +29,35 @@ class IngestApp(FastAPI):
     (measured: admitted throughput halved at 2x). When the process is full (``Admission.full``) and the
     caller's key is good, the 503 is written here (counted like the route would: shed and request metrics).
     Otherwise the route admits or refuses as usual (``Admission.enter``); a caller without a valid key still
-    gets its 401/403 from there."""
+    gets its 401/403 from there. Under ``rtml serve`` the HTTP protocol asks ``early_refusal`` first and
+    writes the same 503 before a task exists (``rtml.core.early``)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == EVENTS_PATH and scope["method"] == "POST":
             admission: Admission = self.state.admission
-            if admission.full and self._authorized(scope):
+            if admission.full and self._authorized(scope["headers"]):
                 await self._refuse(admission, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def early_refusal(self, method: bytes, path: bytes, headers: Headers) -> RtmlError | None:
+        """The 503 ``__call__`` would write for this request, counted the same way; None to go on."""
+        if method != b"POST" or path != _EVENTS_PATH_BYTES:
+            return None
+        started = time.perf_counter()
+        admission: Admission = self.state.admission
+        if not admission.full or not self._authorized(headers):
+            return None
+        exc = admission.refusal()
+        metrics.HTTP_REQUEST_SECONDS.labels("ingest", EVENTS_PATH, "POST").observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels("ingest", EVENTS_PATH, "POST", str(exc.status)).inc()
+        return exc
+
+    def _authorized(self, headers: Headers) -> bool:
         keys = self.state.api_keys
         if not keys.enabled:
             return True
-        auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        auth = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
         try:
             keys.check(auth, "ingest")
         except RtmlError:

@@ -18,7 +18,8 @@ Admission, for web apps that would rather have a fast fallback than a slow answe
 - **Shedding.** Past ``RTML_PREDICT_MAX_IN_FLIGHT`` requests in this process, or past the lower cap its event
   loop's lag sets while the loop runs ``RTML_MAX_LOOP_LAG_MS`` behind on its own work (``rtml.core.looplag``:
   the CPU is the bottleneck), the next one is answered 503 with ``Retry-After`` at once instead of queueing
-  into everyone's timeouts.
+  into everyone's timeouts. Under ``rtml serve`` that 503 is written by the HTTP protocol as soon as the
+  headers are parsed, before a task exists (``early_refusal``, ``rtml.core.early``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from starlette.types import Receive, Scope, Send
 from rtml.core import metrics
 from rtml.core.app import invalid_body
 from rtml.core.auth import ApiKeys
+from rtml.core.early import Headers
 from rtml.core.errors import BadRequest, Overloaded, PayloadTooLarge, RtmlError
 from rtml.core.looplag import LoopLag
 from rtml.serving.predict import Predictor
@@ -94,6 +96,7 @@ class FastPath:
             "/v1/recommend": _Route("/v1/recommend", RecommendRequest, answer_recommend),
         }
         self._shed = {path: metrics.SERVING_SHED.labels(route=path) for path in self.routes}
+        self._by_raw_path = {path.encode(): route for path, route in self.routes.items()}
 
     async def serve(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -120,12 +123,10 @@ class FastPath:
         try:
             if self.keys.enabled:
                 self.keys.check(None if auth is None else auth.decode("latin-1"), "predict")
-            if self.in_flight >= self.max_in_flight:
+            refusal = self._refusal()
+            if refusal is not None:
                 self._shed[route.path].inc()
-                raise Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
-            if not self.lag.admits(self.in_flight):
-                self._shed[route.path].inc()
-                raise self.lag.refusal()
+                raise refusal
             deadline = asyncio.get_running_loop().time() + (
                 self.default_timeout_s if timeout is None else _timeout_s(timeout)
             )
@@ -148,6 +149,37 @@ class FastPath:
         except Exception:
             log.exception("unhandled error on POST %s", route.path)
             return 500, b'{"error":{"code":"internal","message":"internal error"}}', []
+
+    def _refusal(self) -> Overloaded | None:
+        """The 503 for the next request while this process is full, else None."""
+        if self.in_flight >= self.max_in_flight:
+            return Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
+        if not self.lag.admits(self.in_flight):
+            return self.lag.refusal()
+        return None
+
+    def early_refusal(self, method: bytes, path: bytes, headers: Headers) -> RtmlError | None:
+        """For ``rtml.core.early``: the 503 ``serve`` would answer this request with for load, counted the same
+        way, else None (admitted, not a fast route, or a key problem that ``serve`` answers 401/403)."""
+        if method != b"POST":
+            return None
+        route = self._by_raw_path.get(path)
+        if route is None:
+            return None
+        started = time.perf_counter()
+        refusal = self._refusal()
+        if refusal is None:
+            return None
+        if self.keys.enabled:
+            auth = next((v for k, v in headers if k == b"authorization"), None)
+            try:
+                self.keys.check(None if auth is None else auth.decode("latin-1"), "predict")
+            except RtmlError:
+                return None
+        self._shed[route.path].inc()
+        route.seconds.observe(time.perf_counter() - started)
+        route.count(refusal.status)
+        return refusal
 
     async def _body(self, receive: Receive, length: bytes | None) -> bytes:
         """The whole body, refused with 413 past the limit (by Content-Length at once, else while reading)."""
@@ -204,3 +236,7 @@ class ServingApp(FastAPI):
                 await fast.serve(route, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def early_refusal(self, method: bytes, path: bytes, headers: Headers) -> RtmlError | None:
+        fast = self.fast
+        return None if fast is None else fast.early_refusal(method, path, headers)

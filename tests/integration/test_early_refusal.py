@@ -1,0 +1,161 @@
+"""``rtml.core.early``: load refusals written by uvicorn's HTTP protocol, in a real uvicorn server on a real socket.
+
+What could break: the refused request's body left in the parser (the next request on the connection misread),
+answers out of order on a pipelined connection, a refusal sent where HTTP/1.1 does not allow an early answer,
+or a uvicorn release that renamed what the protocol subclass uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import uvicorn
+
+from rtml.bench.rawhttp import RawConnection, build_request
+from rtml.cli.serve import Service, _uvicorn_options
+from rtml.core.early import Headers, RefusingHttpToolsProtocol
+from rtml.core.embedded import free_port
+from rtml.core.errors import Overloaded, RtmlError
+from rtml.core.settings import Settings
+
+HOST = "127.0.0.1"
+
+
+class App:
+    """Answers every request it gets with what it saw; ``early_refusal`` refuses the paths in ``refuse``."""
+
+    def __init__(self) -> None:
+        self.reached: list[str] = []
+        self.refuse: set[bytes] = set()
+        self.asked: list[bytes] = []
+        self.release = asyncio.Event()
+
+    def early_refusal(self, method: bytes, path: bytes, headers: Headers) -> RtmlError | None:
+        self.asked.append(path)
+        return Overloaded("full, retry shortly") if path in self.refuse else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        self.reached.append(scope["path"])
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        if scope["path"] == "/slow":
+            await self.release.wait()
+        body = orjson.dumps({"path": scope["path"], "body": size})
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.asynccontextmanager
+async def serving(app: App) -> AsyncIterator[int]:
+    port = free_port()
+    config = uvicorn.Config(app, host=HOST, port=port, http=RefusingHttpToolsProtocol, lifespan="off",
+                            log_level="warning", proxy_headers=False)  # fmt: skip
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+def post(port: int, path: str, body: bytes = b"", **headers: str) -> bytes:
+    return build_request("POST", HOST, port, path, body, headers)
+
+
+async def test_a_refusal_is_written_before_the_app_and_its_body_is_skipped() -> None:
+    app = App()
+    app.refuse = {b"/refuse"}
+    async with serving(app) as port, RawConnection(HOST, port) as conn:
+        assert (await conn.exchange(post(port, "/ok", b"12345")))[0] == 200
+        # pipelined in one write: a refused request with a body, then an admitted one
+        conn.write(post(port, "/refuse", b"x" * 3000) + post(port, "/ok", b"1234567"))
+        refused, last = await conn.response(), await conn.response()
+        status, headers, body = refused
+        assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"content-type"] == b"application/json"
+        assert orjson.loads(body) == {"error": {"code": "overloaded", "message": "full, retry shortly"}}
+        assert b"date" in headers  # the server's default headers, as on its other answers
+        # the refused body (3000 bytes) was not read as the next request
+        assert (last[0], orjson.loads(last[2])) == (200, {"path": "/ok", "body": 7})
+        # and the connection stays usable after a refusal alone
+        status, _, body = await conn.exchange(post(port, "/refuse", b"abc"))
+        assert status == 503
+        assert (await conn.exchange(post(port, "/after")))[0] == 200
+    assert app.reached == ["/ok", "/ok", "/after"]  # the refused ones never became an ASGI call
+
+
+async def test_a_refusal_waits_its_turn_behind_a_request_still_being_answered() -> None:
+    """Answers on a connection go out in order: behind an unanswered request, the protocol does not answer
+    early and leaves the request to the app (which, in rtml, makes the same decision)."""
+    app = App()
+    app.refuse = {b"/refuse"}
+    async with serving(app) as port, RawConnection(HOST, port) as conn:
+        conn.write(post(port, "/slow") + post(port, "/refuse", b"abc"))
+        while "/slow" not in app.reached:
+            await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):  # nothing may come before /slow's answer
+            await asyncio.wait_for(conn.response(), 0.3)
+        app.release.set()
+        # (the timed-out read consumed nothing: readuntil keeps the buffer on cancellation)
+        slow, behind = await conn.response(), await conn.response()
+    assert orjson.loads(slow[2])["path"] == "/slow"
+    assert orjson.loads(behind[2]) == {"path": "/refuse", "body": 3}  # answered by the app, in order
+    assert app.reached == ["/slow", "/refuse"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"Expect: 100-continue\r\n",  # the client may hold its body until the server says go on
+        b"Connection: close\r\n",
+    ],
+    ids=["expect-100-continue", "connection-close"],
+)
+async def test_requests_that_http_does_not_let_it_answer_early_go_to_the_app(extra: bytes) -> None:
+    app = App()
+    app.refuse = {b"/refuse"}
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(b"POST /refuse HTTP/1.1\r\nHost: x\r\n" + extra + b"Content-Length: 2\r\n\r\nok")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if head.startswith(b"HTTP/1.1 100"):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+    assert app.reached == ["/refuse"]
+
+
+async def test_http_1_0_goes_to_the_app() -> None:
+    app = App()
+    app.refuse = {b"/refuse"}
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(b"POST /refuse HTTP/1.0\r\nContent-Length: 2\r\n\r\nok")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+    assert app.reached == ["/refuse"]
+
+
+def test_rtml_serve_runs_every_service_on_the_refusing_protocol(make_settings: Any) -> None:
+    s: Settings = make_settings()
+    for name in Service:
+        assert _uvicorn_options(s, name)["http"] is RefusingHttpToolsProtocol
