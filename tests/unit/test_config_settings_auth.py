@@ -100,6 +100,11 @@ def test_api_keys_scopes() -> None:
         keys.check("Bearer nope", "read")
     with pytest.raises(Forbidden):
         keys.check("Bearer k1", "predict")
+    keys.check("bearer k1", "ingest")  # the scheme's case does not matter (RFC 9110 11.1), the key's does
+    keys.check("BEARER   k1 ", "ingest")
+    for bad in ("Bearer K1", "Bearer", "Bearer ", "Basic k1", "k1", "Bearerk1"):
+        with pytest.raises(Unauthorized):
+            keys.check(bad, "ingest")
     ApiKeys.parse(None).check(None, "admin")  # no keys configured: open
     with pytest.raises(ConfigError):
         ApiKeys.parse("k1:superuser")

@@ -16,6 +16,14 @@ Scope = Literal["ingest", "predict", "admin", "read"]
 SCOPES: frozenset[str] = frozenset({"ingest", "predict", "admin", "read"})
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, else None. The scheme is matched without regard
+    to case (RFC 9110, 11.1), the token exactly."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if token and scheme.lower() == "bearer" else None
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKeys:
     keys: tuple[tuple[bytes, frozenset[str]], ...]
@@ -55,9 +63,10 @@ class ApiKeys:
         ``compare_digest`` documents, whether the lengths differ). Neither error message contains the key."""
         if not self.keys:
             return
-        if not authorization or not authorization.startswith("Bearer "):
+        token = bearer_token(authorization)
+        if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer KEY")
-        given = authorization[len("Bearer ") :].strip().encode()
+        given = token.encode()
         found: frozenset[str] | None = None
         for key, scopes in self.keys:  # compare against every key: no early exit timing leak
             if hmac.compare_digest(given, key):

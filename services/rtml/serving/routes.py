@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema, field_validator
 
 from rtml.core.app import JSONBytes, require
-from rtml.core.auth import ApiKeys
+from rtml.core.auth import ApiKeys, bearer_token
 from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.kafka import Producer
 from rtml.core.values import FLOAT32_MAX, as_float
@@ -220,10 +220,10 @@ def _caller(request: Request) -> str | None:
     """Who uploads: the API key's fingerprint (never the key) when keys are on; else None (the metadata's
     own ``created_by``, else "unknown")."""
     keys: ApiKeys | None = getattr(request.app.state, "api_keys", None)
-    auth = request.headers.get("authorization") or ""
-    if keys is None or not keys.enabled or not auth.startswith("Bearer "):
+    token = bearer_token(request.headers.get("authorization"))
+    if keys is None or not keys.enabled or token is None:
         return None
-    fingerprint = hashlib.sha256(auth[len("Bearer ") :].strip().encode()).hexdigest()[:12]
+    fingerprint = hashlib.sha256(token.encode()).hexdigest()[:12]
     return f"api-key:{fingerprint}"
 
 
