@@ -10,16 +10,18 @@ itself: the same decision serving's fast path and ingest make (``in_flight >= li
 
 The server (``--serve``, started by this script) is uvicorn (uvloop, httptools) with a bare ASGI app: an
 admitted request costs ``--cost-ms`` of CPU in two halves around one turn of the loop (where a real request
-awaits Redis); a refused one costs only the HTTP exchange. Each round, for the lag limit off (0) and then
-``--lag-ms``: start the server, warm up; with the lag limit off, measure capacity (the best admitted rate of
-closed loops at 1, 4, 16 and 64 in flight); offer ``--factor`` (2) times that open loop for ``--phase-s`` with
-the client's GC off, stop. Then the baseline, ``floor``: the same client at the same offered rate against
+awaits Redis); a refused one costs only the HTTP exchange. Each round, for the lag limit off (0), then
+``--lag-ms`` with the refusal written by the app, then ``--lag-ms`` with it written by ``rtml serve``'s HTTP
+protocol before a task exists (``early``, ``rtml.core.early``): start the server, warm up; with the lag limit
+off, measure capacity (the best admitted rate of closed loops at 1, 4, 16 and 64 in flight); offer
+``--factor`` (2) times that open loop for ``--phase-s`` with the client's GC off, stop; the other settings get
+the same offered rate. Then the baseline, ``floor``: the same client at the same offered rate against
 requests that cost nothing (nothing is refused): the fastest any answer comes back on this machine, the
 client's and the loopback's own tail.
 Reported per setting, as medians over rounds: capacity, admitted per second, admitted and refused p50/p99 of
 the requests sent after the first 0.5 s (steady state) and of those sent in it (onset), other answers, and the
 client's own loop lag (when high, the client was the bottleneck); and the refused p99 over the floor's p99.
-Linux, 2+ CPUs (~3 min with the defaults):
+Linux, 2+ CPUs (~4 min with the defaults):
 
     python benchmarks/overload_cpu.py [--rounds 3] [--lag-ms 2] [--cost-ms 0.5] [--phase-s 8] [--factor 2]
         [--confirm-ticks N]

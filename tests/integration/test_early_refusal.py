@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from rtml.bench.rawhttp import RawConnection, build_request
-from rtml.cli.serve import Service, _uvicorn_options
+from rtml.cli.serve import Service, _uvicorn_options, create_service_app
 from rtml.core.early import Headers, RefusingHttpToolsProtocol
 from rtml.core.embedded import free_port
 from rtml.core.errors import Overloaded, RtmlError
@@ -37,6 +37,8 @@ class App:
 
     def early_refusal(self, method: bytes, path: bytes, headers: Headers) -> RtmlError | None:
         self.asked.append(path)
+        if path == b"/bug":
+            raise ValueError("a bug in the gate")
         return Overloaded("full, retry shortly") if path in self.refuse else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -155,7 +157,21 @@ async def test_http_1_0_goes_to_the_app() -> None:
     assert app.reached == ["/refuse"]
 
 
-def test_rtml_serve_runs_every_service_on_the_refusing_protocol(make_settings: Any) -> None:
+async def test_a_gate_that_fails_leaves_the_request_to_the_app(caplog: pytest.LogCaptureFixture) -> None:
+    app = App()
+    async with serving(app) as port, RawConnection(HOST, port) as conn:
+        status, _, body = await conn.exchange(post(port, "/bug", b"ok"))
+    assert (status, orjson.loads(body)) == (200, {"path": "/bug", "body": 2})  # not the parser's 400
+    assert app.asked == [b"/bug"] and "early_refusal failed" in caplog.text
+
+
+@pytest.mark.parametrize("name", [Service.serving, Service.ingest])
+def test_rtml_serve_runs_the_refusing_protocol_on_an_app_it_can_ask(make_settings: Any, name: Service) -> None:
+    """uvicorn, as rtml serve configures it, hands the protocol the service's app itself (not wrapped in a
+    middleware that hides ``early_refusal``)."""
     s: Settings = make_settings()
-    for name in Service:
-        assert _uvicorn_options(s, name)["http"] is RefusingHttpToolsProtocol
+    options = _uvicorn_options(s, name)
+    assert options["http"] is RefusingHttpToolsProtocol
+    config = uvicorn.Config(create_service_app(name, s), **options)
+    config.load()
+    assert callable(getattr(config.loaded_app, "early_refusal", None))

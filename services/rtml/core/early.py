@@ -26,6 +26,7 @@ server so a uvicorn release that changes them fails there.
 from __future__ import annotations
 
 import http
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -34,6 +35,8 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from rtml.core.errors import RtmlError
+
+log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -65,7 +68,12 @@ class RefusingHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         gate = getattr(self.app, "early_refusal", None)
         if gate is not None and self._may_answer_now():
-            refusal = gate(self.parser.get_method(), httptools.parse_url(self.url).path, self.headers)
+            path = httptools.parse_url(self.url).path  # a bad URL raises the parser's error: a 400, as before
+            try:
+                refusal = gate(self.parser.get_method(), path, self.headers)
+            except Exception:  # a bug here must not become the parser's 400: the app answers instead
+                log.exception("early_refusal failed; the request goes to the app")
+                refusal = None
             if refusal is not None:
                 self._refused = True
                 self.transport.write(response_bytes(refusal, self.server_state.default_headers))
