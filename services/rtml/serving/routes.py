@@ -13,6 +13,7 @@ from rtml.core.app import JSONBytes, require
 from rtml.core.auth import ApiKeys, bearer_token
 from rtml.core.errors import InvalidInput, NotFound
 from rtml.core.kafka import Producer
+from rtml.core.schemas import MAX_ID, Id
 from rtml.core.values import FLOAT32_MAX, as_float
 from rtml.serving.inference.live import LiveModels
 from rtml.serving.predict import Predictor
@@ -20,10 +21,11 @@ from rtml.serving.registry import MODEL_NAME, ModelRegistry
 
 router = APIRouter(prefix="/v1", tags=["serving"])
 
-Id = Annotated[str, Field(min_length=1, max_length=256)]
 # The registry's rule for model names, published in the OpenAPI document (a name outside it is a 422 either way)
 ModelName = Annotated[str, Path(pattern=MODEL_NAME.pattern, description="letters, digits, '_', '.', '-' (at most 64)")]
-EntityValue = Annotated[StrictStr | StrictInt, Field()]
+# an entity id as long as ingest accepts (a longer one can have no features), or a whole number
+EntityValue = Annotated[StrictStr, Field(max_length=MAX_ID)] | StrictInt
+EntityName = Annotated[str, Field(min_length=1, max_length=64)]
 # A feature value the models can take (float32 inputs): the range is published in the OpenAPI document and
 # checked by PredictRequest._finite, which says why in its 422
 FeatureInput = Annotated[
@@ -40,7 +42,7 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(min_length=1, max_length=64)] = "ctr"
-    entities: dict[str, EntityValue] = Field(default_factory=dict, max_length=32)
+    entities: dict[EntityName, EntityValue] = Field(default_factory=dict, max_length=32)
     features: dict[str, FeatureInput] = Field(default_factory=dict, max_length=1024)
 
     @field_validator("features")
