@@ -18,7 +18,7 @@ import uvicorn
 
 from rtml.bench.rawhttp import RawConnection, build_request
 from rtml.cli.serve import Service, _uvicorn_options, create_service_app
-from rtml.core.early import Headers, RefusingHttpToolsProtocol
+from rtml.core.early import Headers, RefusingHttpToolsProtocol, find_gate
 from rtml.core.embedded import free_port
 from rtml.core.errors import Overloaded, RtmlError
 from rtml.core.settings import Settings
@@ -59,10 +59,10 @@ class App:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: App) -> AsyncIterator[int]:
+async def serving(app: Any, **options: Any) -> AsyncIterator[int]:
     port = free_port()
-    config = uvicorn.Config(app, host=HOST, port=port, http=RefusingHttpToolsProtocol, lifespan="off",
-                            log_level="warning", proxy_headers=False)  # fmt: skip
+    options = {"lifespan": "off", "log_level": "warning", "proxy_headers": False, **options}
+    config = uvicorn.Config(app, host=HOST, port=port, http=RefusingHttpToolsProtocol, **options)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -79,6 +79,24 @@ def post(port: int, path: str, body: bytes = b"", **headers: str) -> bytes:
     return build_request("POST", HOST, port, path, body, headers)
 
 
+async def answer(conn: RawConnection) -> tuple[int, dict[bytes, bytes], bytes]:
+    """The next response, or a failure (not a hung suite) when none comes."""
+    return await asyncio.wait_for(conn.response(), 5)
+
+
+async def closed_by_server(reader: asyncio.StreamReader, within_s: float) -> bool:
+    """Whether the server closes the connection within ``within_s`` (everything before the close is dropped)."""
+    try:
+        async with asyncio.timeout(within_s):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
 async def test_a_refusal_is_written_before_the_app_and_its_body_is_skipped() -> None:
     app = App()
     app.refuse = {b"/refuse"}
@@ -86,7 +104,7 @@ async def test_a_refusal_is_written_before_the_app_and_its_body_is_skipped() -> 
         assert (await conn.exchange(post(port, "/ok", b"12345")))[0] == 200
         # pipelined in one write: a refused request with a body, then an admitted one
         conn.write(post(port, "/refuse", b"x" * 3000) + post(port, "/ok", b"1234567"))
-        refused, last = await conn.response(), await conn.response()
+        refused, last = await answer(conn), await answer(conn)
         status, headers, body = refused
         assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"content-type"] == b"application/json"
         assert orjson.loads(body) == {"error": {"code": "overloaded", "message": "full, retry shortly"}}
@@ -113,56 +131,109 @@ async def test_a_refusal_waits_its_turn_behind_a_request_still_being_answered() 
             await asyncio.wait_for(conn.response(), 0.3)
         app.release.set()
         # (the timed-out read consumed nothing: readuntil keeps the buffer on cancellation)
-        slow, behind = await conn.response(), await conn.response()
+        slow, behind = await answer(conn), await answer(conn)
     assert orjson.loads(slow[2])["path"] == "/slow"
     assert orjson.loads(behind[2]) == {"path": "/refuse", "body": 3}  # answered by the app, in order
     assert app.reached == ["/slow", "/refuse"]
 
 
+async def test_the_first_request_of_a_connection_refused_with_its_body_then_the_next_is_answered() -> None:
+    """A new connection (no request answered on it yet): the refused body, sized or chunked, is discarded and
+    the connection serves the next request."""
+    app = App()
+    app.refuse = {b"/refuse"}
+    chunked = (
+        b"POST /refuse HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    async with serving(app) as port:
+        for refused in (post(port, "/refuse", b"y" * 70_000), chunked):
+            async with RawConnection(HOST, port) as conn:
+                conn.write(refused)
+                status, _, body = await answer(conn)
+                assert status == 503 and orjson.loads(body)["error"]["code"] == "overloaded"
+                status, _, body = await conn.exchange(post(port, "/next", b"12"))
+                assert (status, orjson.loads(body)) == (200, {"path": "/next", "body": 2})
+    assert app.reached == ["/next", "/next"]
+
+
+async def test_an_idle_connection_after_a_refusal_whose_body_came_later_is_closed_on_time() -> None:
+    """The keep-alive timeout counts from the end of the refused request, even when its body arrives in a
+    later read than its headers."""
+    app = App()
+    app.refuse = {b"/refuse"}
+    async with serving(app, timeout_keep_alive=1) as port:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 503")
+            await asyncio.sleep(0.2)
+            writer.write(b"body")  # the rest of the refused request, in its own read
+            assert await closed_by_server(reader, within_s=5)  # idle 1 s after it: closed
+        finally:
+            writer.close()
+    assert app.reached == []
+
+
 @pytest.mark.parametrize(
-    "extra",
+    "request_bytes",
     [
-        b"Expect: 100-continue\r\n",  # the client may hold its body until the server says go on
-        b"Connection: close\r\n",
+        b"POST /refuse HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",  # body held back
+        b"POST /refuse HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        b"POST /refuse HTTP/1.0\r\nContent-Length: 2\r\n\r\nok",  # what nginx sends upstream by default
     ],
-    ids=["expect-100-continue", "connection-close"],
+    ids=["expect-100-continue", "connection-close", "http-1.0"],
 )
-async def test_requests_that_http_does_not_let_it_answer_early_go_to_the_app(extra: bytes) -> None:
+async def test_a_refusal_the_connection_cannot_outlive_is_answered_then_closed(request_bytes: bytes) -> None:
     app = App()
     app.refuse = {b"/refuse"}
     async with serving(app) as port:
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
-            writer.write(b"POST /refuse HTTP/1.1\r\nHost: x\r\n" + extra + b"Content-Length: 2\r\n\r\nok")
+            writer.write(request_bytes)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            if head.startswith(b"HTTP/1.1 100"):
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            assert head.startswith(b"HTTP/1.1 200")
+            assert head.startswith(b"HTTP/1.1 503") and b"connection: close" in head.lower()
+            assert await closed_by_server(reader, within_s=5)
         finally:
             writer.close()
-    assert app.reached == ["/refuse"]
+    assert app.reached == []
 
 
-async def test_http_1_0_goes_to_the_app() -> None:
+async def test_a_body_framing_the_parser_rejects_gets_one_answer_the_parsers() -> None:
     app = App()
     app.refuse = {b"/refuse"}
     async with serving(app) as port:
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
-            writer.write(b"POST /refuse HTTP/1.0\r\nContent-Length: 2\r\n\r\nok")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            assert head.startswith(b"HTTP/1.1 200")
+            writer.write(b"POST /refuse HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nxx")
+            everything = await asyncio.wait_for(reader.read(), 5)  # the server closes after its answer
         finally:
             writer.close()
-    assert app.reached == ["/refuse"]
+    assert everything.startswith(b"HTTP/1.1 400") and everything.count(b"HTTP/1.1") == 1  # no 503 before it
+    assert app.asked == []  # the gate was not asked (uvicorn's own path started the app, then the 400)
 
 
-async def test_a_gate_that_fails_leaves_the_request_to_the_app(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_gate_is_found_through_uvicorns_wrapping_middlewares() -> None:
+    from uvicorn.middleware.message_logger import MessageLoggerMiddleware
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    app = App()
+    wrapped = ProxyHeadersMiddleware(MessageLoggerMiddleware(app))  # type: ignore[arg-type]
+    assert find_gate(wrapped) == app.early_refusal
+    assert find_gate(object()) is None
+
+
+async def test_a_gate_that_fails_leaves_the_request_to_the_app(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(RefusingHttpToolsProtocol, "_gate_failed", False)
     app = App()
     async with serving(app) as port, RawConnection(HOST, port) as conn:
-        status, _, body = await conn.exchange(post(port, "/bug", b"ok"))
-    assert (status, orjson.loads(body)) == (200, {"path": "/bug", "body": 2})  # not the parser's 400
-    assert app.asked == [b"/bug"] and "early_refusal failed" in caplog.text
+        for _ in range(3):
+            status, _, body = await conn.exchange(post(port, "/bug", b"ok"))
+            assert (status, orjson.loads(body)) == (200, {"path": "/bug", "body": 2})  # not the parser's 400
+    assert app.asked == [b"/bug"] * 3
+    assert caplog.text.count("early_refusal failed") == 1  # once, not once a request
 
 
 @pytest.mark.parametrize("name", [Service.serving, Service.ingest])

@@ -143,10 +143,16 @@ async def test_the_early_refusal_is_the_fast_paths_decision_counted_the_same_way
             assert (
                 await client.post("/v1/predict", json={}, headers={"Authorization": "Bearer ik"})
             ).status_code == 403
+            # two keys: both paths read the first (here the good one), so both refuse for load alike
+            two = [(b"authorization", b"Bearer pk"), (b"authorization", b"Bearer ik")]
+            assert isinstance(app.early_refusal(b"POST", b"/v1/predict", two), Overloaded)
+            both = [("Authorization", "Bearer pk"), ("Authorization", "Bearer ik")]
+            assert (await client.post("/v1/predict", json={}, headers=both)).status_code == 503
         finally:
             app.fast.in_flight = 0
         text = (await client.get("/metrics")).text
-        assert {r: shed(text, r) for r in ROUTES} == {r: before[r] + 1 for r in ROUTES}
+        assert {r: shed(text, r) for r in ROUTES} == {"/v1/predict": before["/v1/predict"] + 3,
+                                                      "/v1/recommend": before["/v1/recommend"] + 1}  # fmt: skip
         assert metric_value(text, "rtml_http_requests_total", service="serving", route="/v1/recommend",
                             method="POST", status="503") == answered_503 + 1  # fmt: skip
 

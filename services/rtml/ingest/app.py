@@ -5,17 +5,20 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from rtml.core import metrics
 from rtml.core.app import ReadinessCheck, build_app, error_response
-from rtml.core.early import Headers
 from rtml.core.errors import RtmlError
 from rtml.core.kafka import Producer
 from rtml.core.settings import Settings
 from rtml.ingest.routes import Admission, router
+
+if TYPE_CHECKING:
+    from rtml.core.early import Headers  # a type only: the app does not need uvicorn's protocol
 
 EVENTS_PATH = "/v1/events"
 _EVENTS_PATH_BYTES = EVENTS_PATH.encode()

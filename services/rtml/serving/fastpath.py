@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI
@@ -39,11 +39,13 @@ from starlette.types import Receive, Scope, Send
 from rtml.core import metrics
 from rtml.core.app import invalid_body
 from rtml.core.auth import ApiKeys
-from rtml.core.early import Headers
 from rtml.core.errors import BadRequest, Overloaded, PayloadTooLarge, RtmlError
 from rtml.core.looplag import LoopLag
 from rtml.serving.predict import Predictor
 from rtml.serving.routes import PredictRequest, RecommendRequest, answer_predict, answer_recommend
+
+if TYPE_CHECKING:
+    from rtml.core.early import Headers  # a type only: the apps do not need uvicorn's protocol
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,8 @@ class FastPath:
         auth = length = timeout = None
         for name, value in scope["headers"]:
             if name == b"authorization":
-                auth = value
+                if auth is None:  # the first, as early_refusal and Starlette's headers.get read it
+                    auth = value
             elif name == b"content-length":
                 length = value
             elif name == TIMEOUT_HEADER:
