@@ -7,10 +7,11 @@ with the same ``ApiKeys.check``. ``tests/integration/test_auth_routes.py`` holds
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from rtml.core.errors import ConfigError, Forbidden, Unauthorized
+from rtml.core.errors import ConfigError, Forbidden, RtmlError, Unauthorized
 
 Scope = Literal["ingest", "predict", "admin", "read"]
 SCOPES: frozenset[str] = frozenset({"ingest", "predict", "admin", "read"})
@@ -75,3 +76,16 @@ class ApiKeys:
             raise Unauthorized("unknown API key")
         if scope not in found and "admin" not in found:
             raise Forbidden(f"this API key lacks the {scope!r} scope")
+
+    def allows(self, headers: Iterable[tuple[bytes, bytes]], scope: Scope) -> bool:
+        """Whether raw ASGI/HTTP ``headers`` (lower-case names) carry a key with ``scope``: their first
+        ``authorization`` header, as Starlette's ``headers.get`` reads it. For paths that refuse for load
+        only a caller ``check`` would let in (and leave the 401/403 to ``check``)."""
+        if not self.keys:
+            return True
+        auth = next((v for k, v in headers if k == b"authorization"), None)
+        try:
+            self.check(None if auth is None else auth.decode("latin-1"), scope)
+        except RtmlError:
+            return False
+        return True

@@ -406,7 +406,7 @@ class Resp:
         return conn is not None and conn.lost is None
 
     async def connect(self) -> None:
-        """Open the connection now rather than on the first call (see ``Scripts.warm``)."""
+        """Open the connection now rather than on the first call (see ``Scripts.warm_up``)."""
         await self._connect()
 
     async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
@@ -527,7 +527,9 @@ class ClusterResp:
     def connected(self) -> bool:
         """Every master of the slot map has an open connection (False before the map is loaded)."""
         slots = self._slots
-        return slots is not None and all(self.node(addr).connected for addr in set(slots))
+        return slots is not None and all(
+            (node := self._nodes.get(addr)) is not None and node.connected for addr in set(slots)
+        )
 
     async def connect(self) -> None:
         """Load the slot map and open a connection to every master now rather than on the first calls."""

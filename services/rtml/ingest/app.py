@@ -38,7 +38,7 @@ class IngestApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == EVENTS_PATH and scope["method"] == "POST":
             admission: Admission = self.state.admission
-            if admission.full and self._authorized(scope["headers"]):
+            if admission.full and self.state.api_keys.allows(scope["headers"], "ingest"):
                 await self._refuse(admission, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
@@ -49,30 +49,23 @@ class IngestApp(FastAPI):
             return None
         started = time.perf_counter()
         admission: Admission = self.state.admission
-        if not admission.full or not self._authorized(headers):
+        if not admission.full or not self.state.api_keys.allows(headers, "ingest"):
             return None
         exc = admission.refusal()
-        metrics.HTTP_REQUEST_SECONDS.labels("ingest", EVENTS_PATH, "POST").observe(time.perf_counter() - started)
-        metrics.HTTP_REQUESTS.labels("ingest", EVENTS_PATH, "POST", str(exc.status)).inc()
+        _count(exc, started)
         return exc
-
-    def _authorized(self, headers: Headers) -> bool:
-        keys = self.state.api_keys
-        if not keys.enabled:
-            return True
-        auth = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
-        try:
-            keys.check(auth, "ingest")
-        except RtmlError:
-            return False
-        return True
 
     async def _refuse(self, admission: Admission, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         exc = admission.refusal()
         await error_response(exc)(scope, receive, send)
-        metrics.HTTP_REQUEST_SECONDS.labels("ingest", EVENTS_PATH, "POST").observe(time.perf_counter() - started)
-        metrics.HTTP_REQUESTS.labels("ingest", EVENTS_PATH, "POST", str(exc.status)).inc()
+        _count(exc, started)
+
+
+def _count(exc: RtmlError, started: float) -> None:
+    """Request metrics of a refusal answered before the route (as the route's would be)."""
+    metrics.HTTP_REQUEST_SECONDS.labels("ingest", EVENTS_PATH, "POST").observe(time.perf_counter() - started)
+    metrics.HTTP_REQUESTS.labels("ingest", EVENTS_PATH, "POST", str(exc.status)).inc()
 
 
 @contextlib.asynccontextmanager

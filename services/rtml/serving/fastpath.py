@@ -173,12 +173,8 @@ class FastPath:
         refusal = self._refusal()
         if refusal is None:
             return None
-        if self.keys.enabled:
-            auth = next((v for k, v in headers if k == b"authorization"), None)
-            try:
-                self.keys.check(None if auth is None else auth.decode("latin-1"), "predict")
-            except RtmlError:
-                return None
+        if not self.keys.allows(headers, "predict"):
+            return None  # serve answers its 401/403
         self._shed[route.path].inc()
         route.seconds.observe(time.perf_counter() - started)
         route.count(refusal.status)
