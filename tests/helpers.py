@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -145,18 +146,44 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     )
 
 
+def listening_pids_of(port: int) -> set[int] | None:
+    """The pids with a TCP socket listening on ``port`` (Linux /proc), or None where that cannot be read."""
+    try:
+        inodes: set[str] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        inodes.add(f"socket:[{cols[9]}]")
+        pids: set[int] = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                    pids.add(int(pid))
+        return pids
+    except OSError:
+        return None
+
+
 def wait_http_ready(url: str, proc: Any, log: Any, timeout: float = 90) -> None:
-    """Poll ``url``/readyz until 200; AssertionError (with the end of ``log``, a Path) if ``proc`` (a Popen)
-    exits or ``timeout`` seconds pass. Blocking: from async code, call it through ``asyncio.to_thread``."""
+    """Poll ``url``/readyz until ``proc`` (a Popen) answers 200; AssertionError (with the end of ``log``, a
+    Path) if it exits or ``timeout`` seconds pass. Blocking: from async code, call it through
+    ``asyncio.to_thread``. "Answers" is checked: a free port handed out by ``free_port`` can be taken by
+    another test's server before ``proc`` binds it (seen in CI: ``proc`` exited with "address already in use"
+    while the other one said ready), so the port must be ``proc``'s own listening socket where /proc says so."""
 
     def tail() -> str:
         return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
+    port = httpx.URL(url).port
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"{url} exited: {tail()}"
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                owners = listening_pids_of(port) if port is not None else None
+                assert owners is None or proc.pid in owners, f"{url} is another process's ({owners}): {tail()}"
                 return
         except httpx.HTTPError:
             pass
