@@ -17,6 +17,7 @@ import pytest
 from rtml.core import embedded
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    broker = embedded.start_broker()
+    broker = embedded.start_broker(free_port())
     try:
         yield f"127.0.0.1:{broker.port}"
     finally:
@@ -40,7 +41,7 @@ def redis_url() -> Iterator[str]:
     if external:
         yield external
         return
-    server = embedded.start_redis()
+    server = embedded.start_redis(free_port())
     try:
         yield f"redis://127.0.0.1:{server.port}/0"
     finally:
@@ -108,23 +109,6 @@ def _form_cluster(ports: list[int], timeout_s: float = 20.0) -> None:
             client.close()
 
 
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randint(20_000, 45_000)
-        try:
-            for p in (port, port + 10_000):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a Redis Cluster node")
-
-
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[str]:
     """A real 3-master Redis Cluster on loopback, formed from Python (no redis-cli needed); its URL names one
@@ -139,7 +123,7 @@ def redis_cluster() -> Iterator[str]:
     nodes: list[embedded.Managed] = []
     try:
         for _ in range(3):
-            port = _cluster_port()
+            port = free_port(bus_offset=10_000)  # its cluster bus port must be free too
             workdir = Path(tempfile.mkdtemp(prefix="rtml-redis-cluster-"))
             proc = subprocess.Popen(  # noqa: S603 - our own resolved binary, fixed arguments
                 [embedded.redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",

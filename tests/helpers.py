@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import random
+import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -16,6 +19,60 @@ from fastapi import FastAPI
 
 T = TypeVar("T")
 LOOP_CHUNK_S = 0.03  # how long hold_up_loop blocks the loop at a time
+
+# Ports for the servers the tests start. ``bind(0)`` hands out ports of the kernel's ephemeral range, and a port
+# probed free and closed can be handed out again, to another xdist worker's server, before ours binds it (seen
+# in CI: a service died of "address already in use" and the test talked to the other one). So each worker takes
+# its ports from a block of its own below the ephemeral range, where neither bind(0) nor an outgoing
+# connection's local port ever lands; Redis Cluster's bus ports (+10000) stay below it too. The start within
+# the block is random, so two test runs on one machine rarely meet; every port is still probed before use.
+PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 10_000, 1_000, 10
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def _worker_ports() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # absent without xdist: one process, block 0
+    n = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
+    start = PORT_BASE + n * PORT_BLOCK
+    offset = random.randrange(PORT_BLOCK)
+    return itertools.cycle([start + (offset + k) % PORT_BLOCK for k in range(PORT_BLOCK)])
+
+
+_PORTS = _worker_ports()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(*, bus_offset: int | None = None) -> int:
+    """A free loopback port from this worker's block (see ``PORT_BASE``); with ``bus_offset``, one whose
+    ``port + bus_offset`` is free too (Redis Cluster's bus). Falls back to ``bind(0)`` when the machine's
+    ephemeral range starts too low for the blocks."""
+    fallback = PORT_BASE + PORT_BLOCKS * PORT_BLOCK + (bus_offset or 0) > _ephemeral_low()
+    for _ in range(PORT_BLOCK):
+        if fallback:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+        else:
+            port = next(_PORTS)
+        if _bindable(port) and (bus_offset is None or (port + bus_offset < 65_536 and _bindable(port + bus_offset))):
+            return port
+    raise RuntimeError(f"no free port in this worker's block of {PORT_BLOCK}")
 
 
 def spin_cpu(seconds: float) -> None:

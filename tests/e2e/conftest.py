@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from rtml.core import embedded
-from rtml.core.embedded import free_port
 from rtml.core.settings import SERVICES, Settings
+from tests.helpers import free_port
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "services" / "rtml" / "demo" / "rtml.yaml"
 
@@ -88,7 +88,7 @@ def platform(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[P
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[embedded.Managed]:
     """A broker of this test's own, to pause with SIGSTOP (the session's is shared)."""
-    broker = embedded.start_broker(log_dir=tmp_path / "broker")
+    broker = embedded.start_broker(free_port(), log_dir=tmp_path / "broker")
     try:
         yield broker
     finally:
@@ -100,7 +100,7 @@ def own_broker(tmp_path: Path) -> Iterator[embedded.Managed]:
 @pytest.fixture
 def own_redis() -> Iterator[embedded.Managed]:
     """A redis-server of this test's own, to pause with SIGSTOP."""
-    server = embedded.start_redis()
+    server = embedded.start_redis(free_port())
     try:
         yield server
     finally:

@@ -16,10 +16,9 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from rtml.core import embedded
-from rtml.core.embedded import free_port
 from rtml.core.kafka import client_options
 from rtml.core.settings import ServiceName, Settings
-from tests.helpers import metric_value, wait_http_ready
+from tests.helpers import free_port, metric_value, wait_http_ready
 
 
 def env_of(s: Settings, **extra: str) -> dict[str, str]:

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from rtml.core.embedded import free_port
 from tests.e2e.conftest import Platform, running_platform
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -51,7 +51,7 @@ from rtml.core.schemas import Event
 from rtml.core.settings import SERVICES, Settings
 from rtml.serving.registry import train_and_register
 from tests.e2e.procs import Service
-from tests.helpers import eventually, metric_value
+from tests.helpers import eventually, free_port, metric_value
 from tests.reference import CONFIG_YAML, EventMaker, assert_converges
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -107,9 +107,9 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
         pytest.skip("these tests SIGSTOP the broker and restart redis-server: they need processes of their own to "
                     "signal, not the external servers RTML_KAFKA_BOOTSTRAP / RTML_REDIS_URL point at")  # fmt: skip
     redis_dir = tmp_path_factory.mktemp("redis-data")
-    broker = embedded.start_broker()
+    broker = embedded.start_broker(free_port())
     try:
-        infra = Infra(broker, embedded.start_redis(data_dir=redis_dir), redis_dir)
+        infra = Infra(broker, embedded.start_redis(free_port(), data_dir=redis_dir), redis_dir)
         try:
             yield infra
         finally:
@@ -372,7 +372,7 @@ async def test_faults_during_steady_load_lose_nothing(infra: Infra, tmp_path: Pa
         "RTML_CONFIG": str(config_path),
         "RTML_EXAMPLES_DIR": str(tmp_path / "examples"),
         "RTML_LOG_LEVEL": "WARNING",
-        **{f"RTML_{s.upper()}_PORT": str(embedded.free_port()) for s in SERVICES},
+        **{f"RTML_{s.upper()}_PORT": str(free_port()) for s in SERVICES},
     }
     settings = Settings(
         kafka={"bootstrap": infra.bootstrap, "partitions": PARTITIONS},

@@ -52,8 +52,8 @@ import promql_parser
 import pytest
 import yaml
 
-from rtml.core.embedded import free_port
 from tests.e2e.conftest import DEMO_CONFIG, Platform, running_platform
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 

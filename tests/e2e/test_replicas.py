@@ -35,6 +35,7 @@ from rtml.features.plan import entity_id_of
 from rtml.features.windows import reference_value
 from tests.e2e.conftest import Platform, running_platform
 from tests.e2e.test_walkthrough import alive, descendants
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -72,28 +73,18 @@ models:
 def free_base_ports() -> dict[str, str]:
     """A base port per service whose replica ports (base + i * step) are all free now (the conftest's single
     free ports say nothing about base + step)."""
+    assert REPLICAS == 2, "free_port checks one more port: base + step"
     chosen: set[int] = set()
     out: dict[str, str] = {}
     for service in SERVICES:
         while True:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                base = int(s.getsockname()[1])
-            ports = [base + i * PORT_STEP for i in range(REPLICAS)]
-            if ports[-1] < 65536 and not chosen & set(ports) and all(map(port_free, ports)):
-                chosen |= set(ports)
+            base = free_port(bus_offset=PORT_STEP)
+            ports = {base, base + PORT_STEP}
+            if not chosen & ports:
+                chosen |= ports
                 out[f"RTML_{service.upper()}_PORT"] = str(base)
                 break
     return out
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def replica_urls(platform: Platform) -> dict[str, list[str]]:

@@ -22,10 +22,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rtml.core.embedded import free_port
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer, decode_json
 from rtml.core.settings import SERVICES, Settings
 from tests.e2e.conftest import Platform
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -24,8 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rtml.core.embedded import free_port
-from tests.helpers import wait_http_ready
+from tests.helpers import free_port, wait_http_ready
 
 pytestmark = pytest.mark.e2e
 

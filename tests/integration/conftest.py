@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from rtml.core.config import load_config
-from rtml.core.embedded import free_port
 from rtml.core.redis import Keys, connect
 from rtml.core.settings import Settings
 from rtml.serving.app import create_app
 from rtml.serving.registry import ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, train_model
-from tests.helpers import served
+from tests.helpers import free_port, served
 
 
 @pytest.fixture

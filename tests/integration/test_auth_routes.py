@@ -37,11 +37,10 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from rtml.cli.serve import Service, create_service_app
 from rtml.core.app import route_scope
 from rtml.core.auth import ApiKeys
-from rtml.core.embedded import free_port
 from rtml.core.errors import ConfigError
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
-from tests.helpers import eventually, running
+from tests.helpers import eventually, free_port, running
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,6 @@ import orjson
 import pytest
 
 from rtml.core.config import load_config
-from rtml.core.embedded import free_port
 from rtml.core.redis import Keys, connect
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
@@ -34,7 +33,7 @@ from rtml.ingest.app import create_app as create_ingest
 from rtml.serving.app import create_app as create_serving
 from rtml.serving.registry import MAX_MODEL_BYTES, ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, train_model
-from tests.helpers import error_of, running, served
+from tests.helpers import error_of, free_port, running, served
 from tests.integration.test_deadletter_topics import read_all
 
 pytestmark = pytest.mark.integration

@@ -27,7 +27,6 @@ from rtml.client import (
     Unauthorized,
 )
 from rtml.core.config import load_config
-from rtml.core.embedded import free_port
 from rtml.core.kafka import create_topics
 from rtml.core.redis import Keys, connect
 from rtml.core.settings import Settings
@@ -38,7 +37,7 @@ from rtml.serving.app import create_app as create_serving
 from rtml.serving.registry import ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, train_model
 from tests.conftest import ROOT
-from tests.helpers import eventually, served
+from tests.helpers import eventually, free_port, served
 from tests.unit.test_client_core import FakeTime, Twin
 
 pytestmark = pytest.mark.integration

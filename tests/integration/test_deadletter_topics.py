@@ -27,7 +27,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from prometheus_client import REGISTRY
 
 from rtml.core.config import load_config
-from rtml.core.embedded import free_port
 from rtml.core.kafka import REASON_HEADER, client_options
 from rtml.core.redis import Keys, connect
 from rtml.core.schemas import SCHEMA_HEADER, SCHEMA_VERSION
@@ -39,7 +38,7 @@ from rtml.feedback.examples import read_examples
 from rtml.serving.app import create_app as create_serving
 from rtml.serving.registry import ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, train_model
-from tests.helpers import eventually, running, served
+from tests.helpers import eventually, free_port, running, served
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ import uvicorn
 from rtml.bench.rawhttp import RawConnection, build_request
 from rtml.cli.serve import Service, _uvicorn_options, create_service_app
 from rtml.core.early import Headers, RefusingHttpToolsProtocol, find_gate
-from rtml.core.embedded import free_port
 from rtml.core.errors import Overloaded, RtmlError
 from rtml.core.settings import Settings
+from tests.helpers import free_port
 
 HOST = "127.0.0.1"
 

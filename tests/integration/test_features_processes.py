@@ -15,12 +15,11 @@ import httpx
 import pytest
 
 from rtml.core.config import load_config
-from rtml.core.embedded import free_port
 from rtml.core.kafka import Producer
 from rtml.core.schemas import Event
 from rtml.core.settings import Settings
 from rtml.features.windows import touches
-from tests.helpers import metric_value, wait_http_ready
+from tests.helpers import free_port, metric_value, wait_http_ready
 from tests.reference import CONFIG_YAML, assert_converges, make_events
 
 pytestmark = pytest.mark.integration

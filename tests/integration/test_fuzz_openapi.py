@@ -27,12 +27,11 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from rtml.cli.serve import Service, create_service_app
-from rtml.core.embedded import free_port
 from rtml.core.kafka import create_topics
 from rtml.core.settings import Settings
 from rtml.serving.registry import MODEL_NAME
 from rtml.serving.routes import RolloutRequest
-from tests.helpers import served
+from tests.helpers import free_port, served
 from tests.integration.test_auth_routes import ADMIN, API_KEYS, tiny_onnx
 
 pytestmark = [

@@ -13,7 +13,7 @@ from rtml.core import embedded
 from rtml.core.settings import Settings
 from rtml.features.app import create_app as create_features
 from rtml.ingest.app import create_app as create_ingest
-from tests.helpers import error_of, eventually, running
+from tests.helpers import error_of, eventually, free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ async def test_bad_batch_is_rejected_whole_with_each_bad_index_named(settings: S
 
 
 async def test_ingest_answers_503_with_retry_after_when_the_broker_stops(make_settings: Any) -> None:
-    broker = embedded.start_broker()
+    broker = embedded.start_broker(free_port())
     try:
         settings: Settings = make_settings(
             kafka={"bootstrap": f"127.0.0.1:{broker.port}", "publish_timeout_s": 1.0, "request_timeout_ms": 2000}

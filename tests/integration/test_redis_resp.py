@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rtml.core import embedded
 from rtml.core.errors import DependencyUnavailable
 from rtml.core.redis import Resp, guarded, pack_commands
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def own_redis() -> Iterator[embedded.Managed]:
     """A redis-server of this test alone (it gets stopped, stalled or password-protected)."""
-    server = embedded.start_redis()
+    server = embedded.start_redis(free_port())
     try:
         yield server
     finally:

@@ -21,7 +21,6 @@ import pytest
 from typer.testing import CliRunner
 
 from rtml.cli.main import app as cli
-from rtml.core.embedded import free_port
 from rtml.core.settings import Settings
 from rtml.features.app import create_app as create_features
 from rtml.ingest.app import create_app as create_ingest
@@ -29,7 +28,7 @@ from rtml.report.history import Sampler, load_history
 from rtml.report.render import build_report, owned_snapshots
 from rtml.report.series import sum_buckets_by, sum_by, total_buckets, total_increase
 from tests.e2e.conftest import running_platform
-from tests.helpers import eventually, png_size, served
+from tests.helpers import eventually, free_port, png_size, served
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rtml.bench.rawhttp import RawConnection, build_request
-from rtml.core.embedded import free_port
 from rtml.core.settings import Settings
-from tests.helpers import wait_http_ready
+from tests.helpers import free_port, wait_http_ready
 
 IDLE_S = 6.0  # past uvicorn's default keep-alive timeout (5 s)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from rtml.serving.app import create_app
 from rtml.serving.inference.session import LoadedModel, build_model
 from rtml.serving.registry import ModelRegistry
 from rtml.serving.train import DEMO_CONFIG, TrainedModel, train_model
-from tests.helpers import error_of, eventually, running
+from tests.helpers import error_of, eventually, free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -67,13 +66,6 @@ async def write_events(settings: Settings, events: list[Event]) -> None:
 
 def ev(i: int, type_: str, user: str, item: str, ts: int) -> Event:
     return Event(event_id=f"e{i}-{type_}-{user}-{item}", type=type_, user_id=user, item_id=item, ts=ts, received_at=ts)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from rtml.core import embedded, metrics
 from rtml.core.kafka import Consumed, ConsumerLoop, Producer, create_topics, decode_json
 from rtml.serving.app import create_app
-from tests.helpers import running
+from tests.helpers import free_port, running
 from tests.integration.test_serving import register
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ BUFFER = 20
 def own_broker() -> Iterator[embedded.Managed]:
     if os.environ.get("RTML_KAFKA_BOOTSTRAP"):
         pytest.skip("freezes its broker: needs the embedded one, not RTML_KAFKA_BOOTSTRAP")
-    broker = embedded.start_broker()
+    broker = embedded.start_broker(free_port())
     try:
         yield broker
     finally:

@@ -181,7 +181,7 @@ def test_bench_plot_option_checks(tmp_path: Path) -> None:
 
 
 def test_record_with_nothing_running_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rtml.core.embedded import free_port
+    from tests.helpers import free_port
 
     monkeypatch.chdir(tmp_path)
     for service in ("INGEST", "FEATURES", "SERVING", "FEEDBACK"):
