@@ -220,3 +220,65 @@ async def test_a_loop_that_dies_unexpectedly_restarts_from_the_committed_offsets
     assert metrics.CONSUMER_RESTARTS.labels(consumer="sup")._value.get() == before + 1
     assert sorted(set(got)) == list(range(6))
     assert len(got) > 6  # the first batch was handled, its commit failed, so it was delivered again
+
+
+async def test_loops_without_a_group_each_read_every_partition_and_leave_no_group(settings: Settings) -> None:
+    """Serving's promotions watcher: every replica must see every announcement, and restarts must not leave a
+    consumer group per process behind on the brokers."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from rtml.core import metrics
+    from rtml.core.kafka import client_options
+
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    keys = [f"k{i}".encode() for i in range(40)]  # spread over every partition
+    async with Producer(settings) as producer:
+        await producer.send_many("models", [(k, orjson.dumps({"n": i})) for i, k in enumerate(keys)])
+        loops = []
+        for name in seen:
+
+            async def handle(batch: list[Consumed[object]], name: str = name) -> None:
+                seen[name].extend(c.value["n"] for c in batch)  # type: ignore[index]
+
+            loops.append(ConsumerLoop(settings, name=f"nogroup-{name}", topics=["models"], group_id=None,
+                                      decode=decode_json, handle=handle, producer=producer))  # fmt: skip
+        for loop in loops:
+            await loop.start()
+        # a failure after handling, before the position is kept: the restarted loop takes the batch again
+        real = loops[0]._commit_offsets
+        calls = {"n": 0}
+
+        async def flaky(*args: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a bug after handling")
+            await real(*args)  # type: ignore[arg-type]
+
+        loops[0]._commit_offsets = flaky  # type: ignore[method-assign]
+        tasks = [loop.run_in_background() for loop in loops]
+        try:
+            for _ in range(300):
+                if all(sorted(set(v)) == list(range(40)) for v in seen.values()) and calls["n"] >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert not any(t.done() for t in tasks)
+            partitions = {tp.partition for tp in loops[1]._consumer.assignment()}
+            assert partitions == set(range(settings.kafka.partitions))  # all of them, to each loop
+            for loop in loops:
+                await loop.ready()
+                await loop._refresh_lag()
+                lags = {tp.partition: metrics.CONSUMER_LAG.labels(loop.name, "", tp.topic, str(tp.partition))
+                        ._value.get() for tp in loop._consumer.assignment()}  # fmt: skip
+                assert lags == dict.fromkeys(partitions, 0), lags
+        finally:
+            for loop in loops:
+                await loop.shutdown()
+    assert sorted(seen["b"]) == list(range(40))  # each record once
+    assert sorted(set(seen["a"])) == list(range(40)) and len(seen["a"]) > 40  # redelivered, not skipped
+    admin = AIOKafkaAdminClient(**client_options(settings.kafka))
+    await admin.start()
+    try:
+        groups = await admin.list_consumer_groups()
+    finally:
+        await admin.close()
+    assert not [g for g in groups if "nogroup" in str(g) or settings.topic_prefix in str(g)], groups

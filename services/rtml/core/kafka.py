@@ -372,7 +372,7 @@ class ConsumerLoop(Generic[T]):
         *,
         name: str,
         topics: Sequence[str],
-        group_id: str,
+        group_id: str | None,
         decode: Decoder[T],
         handle: Handler[T],
         producer: Producer,
@@ -383,9 +383,16 @@ class ConsumerLoop(Generic[T]):
         foreign_schema: Literal["dead_letter", "skip"] = "dead_letter",
     ) -> None:
         """``fetch_max_wait_ms`` overrides the setting for consumers that need no low latency: Tansu answers
-        a fetch only when its wait is over, so a short wait is many requests a second even when idle."""
+        a fetch only when its wait is over, so a short wait is many requests a second even when idle.
+
+        ``group_id=None``: no consumer group. The loop reads every partition from the earliest record and
+        commits nothing; its position lives in the process only. For broadcasts every replica must see
+        (serving's promotions): a group per replica would leave one abandoned group on the brokers per restart,
+        listed, alerting on its lag, and kept for ``offsets.retention.minutes`` (7 days by default)."""
         if buffer is not None and max_in_flight != 1:
             raise ValueError("a buffered consumer loop handles one batch at a time (max_in_flight=1)")
+        if buffer is not None and group_id is None:
+            raise ValueError("a buffered consumer loop commits what it flushed: it needs a group")
         k = settings.kafka
         self.name = name
         self._settings = settings
@@ -397,10 +404,11 @@ class ConsumerLoop(Generic[T]):
         self._max_in_flight = max(1, max_in_flight)
         self._stopping = asyncio.Event()
         self._topics = [settings.topic(t) for t in topics]
-        self.group = f"{settings.topic_prefix}{group_id}"
+        # the lag metric's group label: "" for a loop without a group
+        self.group = f"{settings.topic_prefix}{group_id}" if group_id is not None else ""
         self._consumer = AIOKafkaConsumer(
             **client_options(k),
-            group_id=self.group,
+            group_id=self.group or None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=k.fetch_max_wait_ms if fetch_max_wait_ms is None else fetch_max_wait_ms,
@@ -476,11 +484,19 @@ class ConsumerLoop(Generic[T]):
 
     async def _seek_to_committed(self) -> None:
         for tp in self._consumer.assignment():
-            offset = await self._consumer.committed(tp)
+            offset = await self._committed_offset(tp)
             if offset is None:
                 await self._consumer.seek_to_beginning(tp)
             else:
                 self._consumer.seek(tp, offset)
+
+    async def _committed_offset(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp`` (None: never committed); without a group, the position this
+        process has handled up to."""
+        if not self.group:
+            return self._committed.get(tp)
+        offset: int | None = await self._consumer.committed(tp)
+        return offset
 
     async def ready(self) -> None:
         """Readiness check: the loop runs and its last batch did not fail with a retriable error."""
@@ -676,7 +692,8 @@ class ConsumerLoop(Generic[T]):
 
     async def _commit_offsets(self, offsets: dict[TopicPartition, int], n: int) -> None:
         try:
-            await self._consumer.commit(offsets)
+            if self.group:  # without a group, only this process keeps its position (``_committed``)
+                await self._consumer.commit(offsets)
         except KafkaError as exc:
             # Rebalanced away or broker gone: the records will be redelivered; handlers are idempotent.
             log.warning("%s: commit failed (%s); records will be redelivered", self.name, exc)
@@ -777,7 +794,7 @@ class ConsumerLoop(Generic[T]):
         if fresh:
             starts = await self._consumer.beginning_offsets(fresh)
             for tp in fresh:
-                committed = await self._consumer.committed(tp)
+                committed = await self._committed_offset(tp)
                 if tp in self._consumer.assignment():  # still ours; setdefault: a commit of ours meanwhile wins
                     # never committed: the group starts at the earliest record (auto_offset_reset="earliest")
                     self._committed.setdefault(tp, starts[tp] if committed is None else committed)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -84,8 +83,9 @@ async def _open(app: FastAPI, settings: Settings) -> AsyncIterator[dict[str, Rea
 
 
 def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer) -> ConsumerLoop[Any]:
-    """Every replica reads every promotion and rollout change announced on the models topic (its own
-    consumer group) and reloads at once; the poller is the fallback when the topic cannot be read."""
+    """Every replica reads every promotion and rollout change announced on the models topic (no consumer
+    group: each reads every partition) and reloads at once; the poller is the fallback when the topic cannot
+    be read."""
 
     async def handle(batch: list[Consumed[Any]]) -> None:
         await live.refresh()  # one refresh per batch: the pointers in Redis are the truth, not the messages
@@ -94,7 +94,7 @@ def promotions_watcher(settings: Settings, live: LiveModels, producer: Producer)
         settings,
         name="serving-models",
         topics=["models"],
-        group_id=f"serving-models-{uuid.uuid4().hex[:12]}",
+        group_id=None,  # every replica reads every announcement; a group per replica would pile up on the brokers
         decode=decode_announcement,  # anything else goes to the dead-letter topic with the reason
         handle=handle,
         producer=producer,
