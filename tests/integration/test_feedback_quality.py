@@ -13,12 +13,13 @@ from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
 from rtml.core.config import load_config
+from rtml.core.errors import DependencyUnavailable
 from rtml.core.redis import Keys, Redis, connect
 from rtml.core.schemas import Example
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
 from rtml.feedback.app import create_app
-from rtml.feedback.quality import GaugePublisher, QualityStore, tile_key, window_tiles
+from rtml.feedback.quality import GaugePublisher, QualityConflict, QualityStore, learn_key, tile_key, window_tiles
 from rtml.feedback.qualitymath import HIST_BINS, Reference, Sums, hist_bin, sums_of
 from rtml.serving.inference.session import build_model
 from rtml.serving.registry import ModelRegistry
@@ -244,3 +245,56 @@ async def test_publish_gauges_forever_defaults_to_the_configured_models(settings
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def snapshot(store: QualityStore, now: int) -> tuple[dict[str, Sums], tuple[Sums, Sums], float]:
+    labels = await store.redis.hget(learn_key(store.keys, "ctr"), "labels")
+    return await store.window("ctr", now), await store.pair("ctr", "1", "2"), float(labels or 0)
+
+
+def assert_same(got: tuple[dict[str, Sums], tuple[Sums, Sums], float], want: Any) -> None:
+    assert set(got[0]) == set(want[0])
+    assert all(got[0][v].close_to(want[0][v]) for v in want[0]), (got[0], want[0])
+    assert got[1][0].close_to(want[1][0]) and got[1][1].close_to(want[1][1])
+    assert got[2] == want[2]
+
+
+async def test_with_sources_each_record_counts_once_in_every_key_whatever_was_written_before(
+    settings: Settings, redis: Redis
+) -> None:
+    """A write that reached some keys and not others (a pipeline cut half way, a Cluster node down), then the
+    batch again as replays, and again: every key holds each record exactly once, as one clean write does."""
+    now = now_ms()
+    # two tiles, the pair 1|2 and the learning counter; two streams, offsets in order within each
+    batch = [example(i, 0.2 + i / 50, float(i % 2), now - (5_000 if i < 10 else 65_000), shadow={"2": 0.5})
+             for i in range(20)]  # fmt: skip
+    sources = [("t.predictions:0" if i % 2 else "t.outcomes:3", 40 + i) for i in range(20)]
+    clean = QualityStore(redis, Keys(settings.redis.key_prefix + "clean:"), CONFIG)
+    await clean.record(batch, now=now, sources=sources)
+    want = await snapshot(clean, now)
+    assert want[0]["1"].n == 20 and want[2] == 20
+
+    store = store_of(redis, settings)
+    await store.record(batch[:6], now=now, sources=sources[:6])  # an earlier, shorter delivery got through
+    real_write = store._write
+
+    async def half_write(per_key: Any, ttl: Any, spans: Any) -> None:  # only the first half of the keys
+        keys = sorted(per_key)[: len(per_key) // 2]
+        await real_write({k: per_key[k] for k in keys}, ttl, spans)
+        raise DependencyUnavailable("redis", "cut half way")
+
+    store._write = half_write  # type: ignore[method-assign]
+    with pytest.raises(DependencyUnavailable):
+        await store.record(batch, now=now, sources=sources, replayed=[i < 6 for i in range(20)])
+    store._write = real_write  # type: ignore[method-assign]
+    partial = await snapshot(store, now)
+    assert partial[2] != 20 or partial[0] != want[0], "the cut write should have left some key short"
+
+    for _ in range(2):  # the retry, then a redelivery: replays of every record
+        await store.record(batch, now=now, sources=sources, replayed=[True] * 20)
+        assert_same(await snapshot(store, now), want)
+
+    # a record that is not a replay but that a key already holds: another consumer got there first
+    with pytest.raises(QualityConflict):
+        await store.record(batch[:1], now=now, sources=sources[:1], replayed=[False])
+    assert_same(await snapshot(store, now), want)  # nothing of that call applied

@@ -235,3 +235,52 @@ async def test_labels_from_the_rule_and_from_callers_make_one_example_each(make_
     labels = {Example.model_validate_json(r.value).prediction_id: Example.model_validate_json(r.value).label
               for r in records}  # fmt: skip
     assert labels == {"clicked": 1.0, "ignored": 0.0, "told": 0.25}
+
+
+async def test_a_quality_write_that_fails_after_the_join_counts_once_when_the_batch_comes_again(
+    settings: Settings,
+) -> None:
+    """The join claimed the pairs, then the quality write failed (Redis, or a Cluster node, gone between the two
+    calls): the consumer retries the batch, whose claims are now replays. Each label counts once in the quality
+    window and the learning counter, however often the batch comes."""
+    from rtml.core.errors import DependencyUnavailable
+    from rtml.core.redis import connect
+    from rtml.feedback.consumer import Joiner
+    from rtml.feedback.quality import learn_key
+
+    now = now_ms()
+    n = 10
+    records = []
+    for i in range(n):
+        p = prediction(f"qx-{i}", ts=now - 2_000, score=0.1 + 0.08 * i)
+        o = {"prediction_id": p.prediction_id, "label": float(i % 2), "ts": now - 1_000, "received_at": now - 900}
+        for topic, partition, offset, value in (("predictions", 0, 100 + i, p.model_dump_json().encode()),
+                                                ("outcomes", 2, 500 + i, orjson.dumps(o))):  # fmt: skip
+            records.append(
+                ConsumerRecord(settings.topic(topic), partition, offset, now, 0, None, value, None, 0, 0, [])
+            )
+    redis = connect(settings)
+    try:
+        async with Producer(settings) as producer:
+            joiner = Joiner(settings, redis, producer)
+            batch = [Consumed(r, joiner.decode(r)) for r in records]
+            real_write = joiner.quality._write
+
+            async def failing_write(*args: Any) -> None:
+                raise DependencyUnavailable("redis", "gone between the join and the quality write")
+
+            joiner.quality._write = failing_write  # type: ignore[method-assign]
+            with pytest.raises(DependencyUnavailable):
+                await joiner.handle(batch)
+            joiner.quality._write = real_write  # type: ignore[method-assign]
+            for _ in range(2):  # the retry, then one more redelivery (a crash before the commit)
+                await joiner.handle(batch)
+            window = await joiner.quality.window("ctr", now)
+            labels = await redis.hget(learn_key(joiner.keys, "ctr"), "labels")
+            await joiner.store.aclose()
+    finally:
+        await redis.aclose()
+    sums = window["7"]
+    assert sums.n == n, sums  # 0 before: a replayed claim never counted
+    assert sums.fields["y"] == pytest.approx(n // 2)  # the sum of the labels
+    assert float(labels) == n

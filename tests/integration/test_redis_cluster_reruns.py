@@ -1,4 +1,4 @@
-"""The registry, join store, label rule and serving tests, run again on a real 3-master Redis Cluster.
+"""The registry, join store, quality, label rule and serving tests, run again on a real 3-master Redis Cluster.
 
 The test functions (and their module fixtures) are imported from their own modules, so pytest collects them
 here too; ``make_settings`` is overridden for this module only, so every ``settings`` they get points at the
@@ -19,6 +19,13 @@ from tests.integration.test_feedback_labels import (  # noqa: F401 - fixtures an
     test_click_seen_before_its_prediction_still_labels_it,
     test_null_negative_gives_no_outcome_and_other_paths_match,
     test_random_stream_labels_equal_the_reference,
+)
+from tests.integration.test_feedback_quality import (  # noqa: F401
+    redis,
+    test_with_sources_each_record_counts_once_in_every_key_whatever_was_written_before,
+)
+from tests.integration.test_feedback_service import (  # noqa: F401
+    test_a_quality_write_that_fails_after_the_join_counts_once_when_the_batch_comes_again,
 )
 from tests.integration.test_feedback_store import (  # noqa: F401
     store,
@@ -53,8 +60,8 @@ def make_settings(make_settings: Any, redis_cluster: str) -> Any:
     """The shared ``make_settings``, on the cluster (a test's own ``redis`` overrides still apply)."""
 
     def make(**overrides: Any) -> Settings:
-        redis = {"url": redis_cluster, "cluster": True, **overrides.pop("redis", {})}
-        s: Settings = make_settings(redis=redis, **overrides)
+        on_cluster = {"url": redis_cluster, "cluster": True, **overrides.pop("redis", {})}
+        s: Settings = make_settings(redis=on_cluster, **overrides)
         return s
 
     return make

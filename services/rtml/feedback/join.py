@@ -21,8 +21,10 @@ example (one label) is ever produced for a prediction, however many outcomes are
 record re-emits the same example whenever it is redelivered (a crash between the claim and the publish,
 or a Kafka outage that makes the consumer retry the batch): examples are at-least-once, duplicates are
 byte-identical and keyed by the same prediction_id, so a compacting or deduplicating reader sees one.
-Counters (``OUTCOMES``, ``EXAMPLES``, quality sums) move only on the first claim, so redelivery does not
-inflate them; a crash between the claim and the quality update loses that one update (at-most-once).
+Counters (``OUTCOMES``, ``EXAMPLES``) move only on the first claim, so redelivery does not inflate them. The
+quality sums take the claiming record on every delivery and count it exactly once themselves (per key, the last
+offset of each source partition, see ``rtml.feedback.quality``): a crash or failure between the claim and the
+quality write loses nothing.
 """
 
 from __future__ import annotations
