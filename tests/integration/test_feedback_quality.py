@@ -294,7 +294,31 @@ async def test_with_sources_each_record_counts_once_in_every_key_whatever_was_wr
         await store.record(batch, now=now, sources=sources, replayed=[True] * 20)
         assert_same(await snapshot(store, now), want)
 
-    # a record that is not a replay but that a key already holds: another consumer got there first
+    # a replay that another consumer applied between this one's marks read and its write: nothing applied
+    real_marks = store._marks
+
+    async def stale_marks(wanted: Any) -> dict[tuple[str, str], int]:
+        return {}  # as read before the other consumer's write
+
+    store._marks = stale_marks  # type: ignore[method-assign]
     with pytest.raises(QualityConflict):
-        await store.record(batch[:1], now=now, sources=sources[:1], replayed=[False])
-    assert_same(await snapshot(store, now), want)  # nothing of that call applied
+        await store.record(batch[:3], now=now, sources=sources[:3], replayed=[True] * 3)
+    store._marks = real_marks  # type: ignore[method-assign]
+    assert_same(await snapshot(store, now), want)
+
+    # the topics were recreated, their offsets start again below the marks: first-time records still count,
+    # the marks follow the new offsets, and a replay of those records then counts nothing
+    fresh = [example(500 + i, 0.5, 1.0, now - 5_000, shadow={"2": 0.5}) for i in range(3)]
+    fresh_sources = [("t.outcomes:3", i) for i in range(3)]
+    await clean.record(fresh, now=now, sources=fresh_sources)
+    want = await snapshot(clean, now)
+    await store.record(fresh, now=now, sources=fresh_sources)
+    assert_same(await snapshot(store, now), want)
+    await store.record(fresh, now=now, sources=fresh_sources, replayed=[True] * 3)
+    assert_same(await snapshot(store, now), want)
+    # ... and the next records, whose first write failed, count when they come again (the marks were reset)
+    more = [example(600 + i, 0.25, 0.0, now - 5_000, shadow={"2": 0.5}) for i in range(2)]
+    more_sources = [("t.outcomes:3", 3 + i) for i in range(2)]
+    await clean.record(more, now=now, sources=more_sources)
+    await store.record(more, now=now, sources=more_sources, replayed=[True] * 2)
+    assert_same(await snapshot(store, now), await snapshot(clean, now))

@@ -2,25 +2,39 @@
 -- KEYS[1]: the hash (a quality tile, a version pair or the learning counters, under the model's hash tag).
 -- KEYS[2]: its marks (same hash tag): per source stream (the Kafka topic:partition the join consumed), the
 --          offset of the last record whose increments this hash holds.
--- ARGV[1]: TTL in ms; ARGV[2]: n, the streams of this call; then n x (stream, first offset, last offset) of the
---          records the increments come from; then field, amount, field, amount, ...
--- Returns 1 when applied; 0, applying nothing, when a stream's mark already reaches this call's first offset
--- (another process applied some of these records meanwhile: the caller reads the marks again and retries).
+-- ARGV[1]: TTL in ms; ARGV[2]: n, the streams of this call; then n x (stream, replayed, first, last): the
+--          first offset of the replayed records among this call's (-1: none), the first and the last offset
+--          of all its records; then field, amount, field, amount, ...
+-- Returns 0, applying nothing, when a stream's mark reaches the first replayed record (another process applied
+-- it since the caller read the marks: the caller retries, reading them again); else applies everything and
+-- sets the marks to the last offsets: 1, or 2 when a mark was at or past a first-time record (the topic was
+-- recreated and its offsets started again, or two consumers overlapped in a rebalance): that mark is reset.
 local n = tonumber(ARGV[2])
+local reset = false
 for i = 0, n - 1 do
-  local mark = redis.call('HGET', KEYS[2], ARGV[3 + 3 * i])
-  if mark and tonumber(mark) >= tonumber(ARGV[4 + 3 * i]) then
-    return 0
+  local mark = redis.call('HGET', KEYS[2], ARGV[3 + 4 * i])
+  if mark then
+    mark = tonumber(mark)
+    local replayed = tonumber(ARGV[4 + 4 * i])
+    if replayed >= 0 and mark >= replayed then
+      return 0
+    end
+    if mark >= tonumber(ARGV[5 + 4 * i]) then
+      reset = true
+    end
   end
 end
-for i = 3 + 3 * n, #ARGV, 2 do
+for i = 3 + 4 * n, #ARGV, 2 do
   redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 if n > 0 then
   for i = 0, n - 1 do
-    redis.call('HSET', KEYS[2], ARGV[3 + 3 * i], ARGV[5 + 3 * i])
+    redis.call('HSET', KEYS[2], ARGV[3 + 4 * i], ARGV[6 + 4 * i])
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+if reset then
+  return 2
 end
 return 1

@@ -58,9 +58,9 @@ Source = tuple[str, int]  # the Kafka record an example came from: (its stream "
 
 
 class QualityConflict(RtmlError):
-    """Another consumer applied some of a batch's records to a key between the marks read and the write (two
-    members owning one partition for a moment, around a rebalance): nothing of that key's call was applied.
-    Retriable: the batch comes again, now seen as replayed, and each record counts once."""
+    """Another consumer applied some of a batch's replayed records to a key between the marks read and the
+    write (two members owning one partition for a moment, around a rebalance): nothing of that key's call was
+    applied. Retriable: the batch comes again, the marks are read again, and each record counts once."""
 
     code = "quality_conflict"
     retriable = True
@@ -209,10 +209,12 @@ class QualityStore:
         pair sums only.
 
         ``sources``: the (stream, offset) of the Kafka record each example came from, streams read in offset
-        order. Each key then takes each record's increments at most once, and ``replayed`` (per example: its
-        record may have been recorded before, a redelivery) makes a replayed record count if it never did: the
-        marks of the keys it touches are read first (one more round trip, only when the batch has a replayed
-        example). Together: exactly once, across crashes and retries between the join and this write."""
+        order. ``replayed`` (per example): its record may have been recorded before (a redelivery); it counts
+        only in the keys whose mark is below its offset (the marks are read first: one more round trip, only
+        for a batch with a replayed example). A first-time record always counts and a mark at or past it is
+        reset (logged): the topic was recreated and its offsets started again. Exactly once, across crashes
+        and retries between the join and this write; around a rebalance, a member still writing first-time
+        records after the next owner wrote later ones can count them twice (the warning says so)."""
         if not examples:
             return
         now = now_ms() if now is None else now
@@ -226,7 +228,8 @@ class QualityStore:
                     stream, offset = sources[i]
                     touched[i] = {k: v for k, v in touched[i].items() if offset > marks.get((k, stream), -1)}
         per_key: dict[str, dict[str, float]] = {}
-        spans: dict[str, dict[str, list[int]]] = {}  # key -> stream -> [first offset, last offset]
+        # key -> stream -> [first replayed offset (-1: none), first offset, last offset]
+        spans: dict[str, dict[str, list[int]]] = {}
         ttl: dict[str, int] = {}
         for i, per in enumerate(touched):
             for key, (fields, key_ttl) in per.items():
@@ -236,8 +239,10 @@ class QualityStore:
                 ttl[key] = key_ttl
                 if sources is not None:
                     stream, offset = sources[i]
-                    span = spans.setdefault(key, {}).setdefault(stream, [offset, offset])
-                    span[0], span[1] = min(span[0], offset), max(span[1], offset)
+                    span = spans.setdefault(key, {}).setdefault(stream, [-1, offset, offset])
+                    span[1], span[2] = min(span[1], offset), max(span[2], offset)
+                    if replayed is not None and replayed[i] and (span[0] < 0 or offset < span[0]):
+                        span[0] = offset
         await self._write(per_key, ttl, spans)
 
     async def _increments(self, examples: Sequence[Example], now: int) -> list[dict[str, tuple[dict[str, float], int]]]:
@@ -292,8 +297,8 @@ class QualityStore:
         for key, fields in per_key.items():
             streams = spans.get(key, {})
             args: list[str | int | float] = [ttl[key], len(streams)]
-            for stream, (first, last) in streams.items():
-                args += (stream, first, last)
+            for stream, (first_replayed, first, last) in streams.items():
+                args += (stream, first_replayed, first, last)
             for field, amount in fields.items():
                 args += (field, repr(amount))
             calls.append((key, args))
@@ -316,6 +321,12 @@ class QualityStore:
                     self._sha = None
                     if attempt == 2:
                         raise
+        reset = [key for (key, _), r in zip(calls, results, strict=True) if r == 2]
+        if reset:
+            log.warning("quality: the marks of %d keys (e.g. %s) were at or past records counted for the first "
+                        "time; reset. Expected once after the topics were recreated (offsets start again); "
+                        "otherwise two consumers overlapped in a rebalance and those records may count twice",
+                        len(reset), reset[0])  # fmt: skip
         refused = [key for (key, _), r in zip(calls, results, strict=True) if r == 0]
         if refused:
             raise QualityConflict(
