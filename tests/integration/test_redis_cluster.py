@@ -265,14 +265,14 @@ async def test_quality_writes_count_once_when_one_node_lost_its_scripts(cluster_
     assert len({cluster_redis.get_node_from_key(k).name for k in names}) == 3
     per_key = {k: {"1|n": 1.0, "1|s": 0.5} for k in names}
     ttl = dict.fromkeys(names, 60_000)
-    await store._write(per_key, ttl, dict.fromkeys(names, {"t.outcomes:0": [-1, 7, 9]}))
+    await store._write(per_key, ttl, dict.fromkeys(names, [("t.outcomes:0", -1, 7, 9)]))
     victim = cluster_redis.get_node_from_key(names[0])
     flush = aioredis.Redis(host=victim.host, port=victim.port)
     try:
         await flush.script_flush()  # that node forgets quality.lua (as after a restart)
     finally:
         await flush.aclose()
-    await store._write(per_key, ttl, dict.fromkeys(names, {"t.outcomes:0": [-1, 10, 12]}))
+    await store._write(per_key, ttl, dict.fromkeys(names, [("t.outcomes:0", -1, 10, 12)]))
     for k in names:  # the calls the other nodes accepted were not sent twice
         assert await cluster_redis.hgetall(k) == {b"1|n": b"2", b"1|s": b"1"}
         assert 0 < await cluster_redis.pttl(k) <= 60_000

@@ -2,9 +2,10 @@
 -- KEYS[1]: the hash (a quality tile, a version pair or the learning counters, under the model's hash tag).
 -- KEYS[2]: its marks (same hash tag): per source stream (the Kafka topic:partition the join consumed), the
 --          offset of the last record whose increments this hash holds.
--- ARGV[1]: TTL in ms; ARGV[2]: n, the streams of this call; then n x (stream, replayed, first, last): the
---          first offset of the replayed records among this call's (-1: none), the first and the last offset
---          of all its records; then field, amount, field, amount, ...
+-- ARGV[1]: TTL in ms; ARGV[2]: n, the streams of the batch; then n x (stream, replayed, first, last): the
+--          first offset of the replayed records whose increments this call carries (-1: none), the first
+--          offset of the batch's first-time records (-1: none) and the batch's last offset; then field, amount,
+--          field, amount, ...
 -- Returns 0, applying nothing, when a stream's mark reaches the first replayed record (another process applied
 -- it since the caller read the marks: the caller retries, reading them again); else applies everything and
 -- sets the marks to the last offsets: 1, or 2 when a mark was at or past a first-time record (the topic was
@@ -19,7 +20,8 @@ for i = 0, n - 1 do
     if replayed >= 0 and mark >= replayed then
       return 0
     end
-    if mark >= tonumber(ARGV[5 + 4 * i]) then
+    local first = tonumber(ARGV[5 + 4 * i])
+    if first >= 0 and mark >= first then
       reset = true
     end
   end

@@ -55,6 +55,8 @@ PAIR_TTL_MS = 7 * 86_400_000
 REFERENCE_RETRY_MS = 60_000  # a version the registry does not know is asked again after this
 _SCRIPT = script_source("rtml.feedback", "quality.lua")
 Source = tuple[str, int]  # the Kafka record an example came from: (its stream "topic:partition", its offset)
+Increments = tuple[int, list[tuple[str, Mapping[str, float]]]]  # a key's TTL, and (version, sums) to add to it
+_ONE_LABEL = {"labels": 1.0}  # the learning counter's increment (version "": the field is plain "labels")
 
 
 class QualityConflict(RtmlError):
@@ -228,48 +230,64 @@ class QualityStore:
                     stream, offset = sources[i]
                     touched[i] = {k: v for k, v in touched[i].items() if offset > marks.get((k, stream), -1)}
         per_key: dict[str, dict[str, float]] = {}
-        # key -> stream -> [first replayed offset (-1: none), first offset, last offset]
-        spans: dict[str, dict[str, list[int]]] = {}
         ttl: dict[str, int] = {}
-        for i, per in enumerate(touched):
-            for key, (fields, key_ttl) in per.items():
-                acc = per_key.setdefault(key, {})
-                for field, amount in fields.items():
-                    acc[field] = acc.get(field, 0.0) + amount
+        for per in touched:
+            for key, (key_ttl, parts) in per.items():
+                fields = per_key.setdefault(key, {})
+                for version, acc in parts:
+                    _merge(fields, version, acc)
                 ttl[key] = key_ttl
-                if sources is not None:
+        spans: dict[str, list[tuple[str, int, int, int]]] = {}
+        if sources is not None:
+            # per stream, for every key (valid for a key no record of the stream touched too: it then holds
+            # every record of the stream up to the last that touches it): the first first-time offset (-1: none)
+            # and the last offset; per key, the first replayed offset it takes (-1: none)
+            streams: dict[str, list[int]] = {}
+            for i, (stream, offset) in enumerate(sources):
+                span = streams.setdefault(stream, [-1, offset])
+                span[1] = max(span[1], offset)
+                if not (replayed is not None and replayed[i]) and (span[0] < 0 or offset < span[0]):
+                    span[0] = offset
+            guards: dict[tuple[str, str], int] = {}
+            for i in range(len(examples)):
+                if replayed is not None and replayed[i]:
                     stream, offset = sources[i]
-                    span = spans.setdefault(key, {}).setdefault(stream, [-1, offset, offset])
-                    span[1], span[2] = min(span[1], offset), max(span[2], offset)
-                    if replayed is not None and replayed[i] and (span[0] < 0 or offset < span[0]):
-                        span[0] = offset
+                    for key in touched[i]:
+                        guards[key, stream] = min(offset, guards.get((key, stream), offset))
+            for key in per_key:
+                spans[key] = [(stream, guards.get((key, stream), -1), first, last)
+                              for stream, (first, last) in streams.items()]  # fmt: skip
         await self._write(per_key, ttl, spans)
 
-    async def _increments(self, examples: Sequence[Example], now: int) -> list[dict[str, tuple[dict[str, float], int]]]:
-        """Per example, the increments it adds to each key it touches (key -> (fields, TTL))."""
+    async def _increments(self, examples: Sequence[Example], now: int) -> list[dict[str, Increments]]:
+        """Per example, what it adds to each key it touches: key -> (TTL, [(version, sums), ...]). The sums of
+        a version are shared between its tile and its pairs, never copied: merged once per key, in ``record``."""
         scored = [(ex, _scores(ex)) for ex in examples]
         refs = await self.references.get_many({(ex.model, v) for ex, scores in scored for v in scores})
-        out: list[dict[str, tuple[dict[str, float], int]]] = []
+        out: list[dict[str, Increments]] = []
+        names: dict[Any, str] = {}  # the keys' names, made once per batch
         for ex, scores in scored:
-            per: dict[str, tuple[dict[str, float], int]] = {}
             q = self.quality_def(ex.model)
             tile = ex.labelled_at // q.tile_ms * q.tile_ms
             live = tile + q.window_ms > now  # else no read from now on includes it
-            own: dict[str, dict[str, float]] = {}
-            for version, score in scores.items():
+            own: list[tuple[str, Mapping[str, float]]] = []
+            for version, score in sorted(scores.items()):
                 acc: dict[str, float] = {}
                 add_example(acc, score, ex.label, ex.features, refs.get((ex.model, version)))
-                own[version] = acc
-                if live:
-                    key = tile_key(self.keys, ex.model, tile)
-                    _merge(per.setdefault(key, ({}, q.window_ms + q.tile_ms))[0], version, acc)
-            versions = sorted(own)
-            for i, a in enumerate(versions):
-                for b in versions[i + 1 :]:
-                    fields = per.setdefault(pair_key(self.keys, ex.model, a, b), ({}, self.pair_ttl_ms))[0]
-                    _merge(fields, a, own[a])
-                    _merge(fields, b, own[b])
-            per[learn_key(self.keys, ex.model)] = ({"labels": 1.0}, LEARN_TTL_MS)
+                own.append((version, acc))
+            per: dict[str, Increments] = {}
+            if live:
+                key = names.get((ex.model, tile)) or names.setdefault(
+                    (ex.model, tile), tile_key(self.keys, ex.model, tile)
+                )
+                per[key] = (q.window_ms + q.tile_ms, own)
+            for i, a in enumerate(own):
+                for b in own[i + 1 :]:
+                    pair = (ex.model, a[0], b[0])
+                    key = names.get(pair) or names.setdefault(pair, pair_key(self.keys, *pair))
+                    per[key] = (self.pair_ttl_ms, [a, b])
+            key = names.get(ex.model) or names.setdefault(ex.model, learn_key(self.keys, ex.model))
+            per[key] = (LEARN_TTL_MS, [("", _ONE_LABEL)])
             out.append(per)
         return out
 
@@ -288,17 +306,19 @@ class QualityStore:
         self,
         per_key: Mapping[str, Mapping[str, float]],
         ttl: Mapping[str, int],
-        spans: Mapping[str, Mapping[str, list[int]]],
+        spans: Mapping[str, Sequence[tuple[str, int, int, int]]],
     ) -> None:
+        """``spans``: per key, (stream, first replayed offset this key takes or -1, first first-time offset or -1,
+        last offset) of each stream of the batch (see quality.lua)."""
         if not per_key:
             return
 
         calls: list[tuple[str, list[str | int | float]]] = []
         for key, fields in per_key.items():
-            streams = spans.get(key, {})
+            streams = spans.get(key, ())
             args: list[str | int | float] = [ttl[key], len(streams)]
-            for stream, (first_replayed, first, last) in streams.items():
-                args += (stream, first_replayed, first, last)
+            for span in streams:
+                args += span
             for field, amount in fields.items():
                 args += (field, repr(amount))
             calls.append((key, args))
@@ -409,7 +429,7 @@ def _scores(ex: Example) -> dict[str, float]:
 
 
 def _merge(fields: dict[str, float], version: str, acc: Mapping[str, float]) -> None:
-    prefix = f"{version}|"
+    prefix = f"{version}|" if version else ""
     for name, amount in acc.items():
         k = prefix + name
         fields[k] = fields.get(k, 0.0) + amount
