@@ -322,3 +322,41 @@ async def test_with_sources_each_record_counts_once_in_every_key_whatever_was_wr
     await clean.record(more, now=now, sources=more_sources)
     await store.record(more, now=now, sources=more_sources, replayed=[True] * 2)
     assert_same(await snapshot(store, now), await snapshot(clean, now))
+
+
+async def test_a_shorter_redelivery_never_lowers_a_mark(settings: Settings, redis: Redis) -> None:
+    """A redelivery can end before the earlier delivery did (a crash before the commit, a retry) while another
+    stream of the batch brings a first-time label for the same model, so the model's keys get a call: the
+    marks of the short stream must not move back, or the next batch's replays count again (found in review)."""
+    now = now_ms()
+    s, s2 = "t.outcomes:0", "t.predictions:1"
+
+    def labelled(stream: str, offsets: range) -> tuple[list[Example], list[tuple[str, int]]]:
+        base = 0 if stream == s else 1000
+        return ([example(base + o, 0.1 + (o % 9) / 10, float(o % 2), now - 5_000, shadow={"2": 0.5}) for o in offsets],
+                [(stream, o) for o in offsets])  # fmt: skip
+
+    def deliver(*parts: tuple[str, range, bool]) -> tuple[list[Example], list[tuple[str, int]], list[bool]]:
+        exs: list[Example] = []
+        srcs: list[tuple[str, int]] = []
+        again: list[bool] = []
+        for stream, offsets, replayed in parts:
+            e, src = labelled(stream, offsets)
+            exs, srcs, again = exs + e, srcs + src, again + [replayed] * len(e)
+        return exs, srcs, again
+
+    store = store_of(redis, settings)
+    deliveries = [
+        deliver((s, range(10, 15), False), (s2, range(100, 105), False)),  # committed? no: it comes again
+        deliver((s, range(10, 13), True), (s2, range(100, 105), True), (s2, range(105, 106), False)),  # shorter
+        deliver((s, range(13, 15), True), (s, range(15, 16), False)),
+    ]
+    for exs, srcs, again in deliveries:
+        await store.record(exs, now=now, sources=srcs, replayed=again)
+
+    clean = QualityStore(redis, Keys(settings.redis.key_prefix + "clean:"), CONFIG)
+    exs, srcs, _ = deliver((s, range(10, 16), False), (s2, range(100, 106), False))  # the 12 distinct labels
+    await clean.record(exs, now=now, sources=srcs)
+    want = await snapshot(clean, now)
+    assert want[2] == 12
+    assert_same(await snapshot(store, now), want)

@@ -22,6 +22,7 @@ from tests.integration.test_feedback_labels import (  # noqa: F401 - fixtures an
 )
 from tests.integration.test_feedback_quality import (  # noqa: F401
     redis,
+    test_a_shorter_redelivery_never_lowers_a_mark,
     test_with_sources_each_record_counts_once_in_every_key_whatever_was_written_before,
 )
 from tests.integration.test_feedback_service import (  # noqa: F401

@@ -8,12 +8,16 @@
 --          field, amount, ...
 -- Returns 0, applying nothing, when a stream's mark reaches the first replayed record (another process applied
 -- it since the caller read the marks: the caller retries, reading them again); else applies everything and
--- sets the marks to the last offsets: 1, or 2 when a mark was at or past a first-time record (the topic was
+-- raises the marks to the last offsets: 1, or 2 when a mark was at or past a first-time record (the topic was
 -- recreated and its offsets started again, or two consumers overlapped in a rebalance): that mark is reset.
+-- A mark only moves back on a reset: a redelivery may end before the earlier delivery did, and lowering the
+-- mark to its last offset would let the records in between count again.
 local n = tonumber(ARGV[2])
 local reset = false
+local moves = {}
 for i = 0, n - 1 do
-  local mark = redis.call('HGET', KEYS[2], ARGV[3 + 4 * i])
+  local stream, last = ARGV[3 + 4 * i], tonumber(ARGV[6 + 4 * i])
+  local mark = redis.call('HGET', KEYS[2], stream)
   if mark then
     mark = tonumber(mark)
     local replayed = tonumber(ARGV[4 + 4 * i])
@@ -23,17 +27,25 @@ for i = 0, n - 1 do
     local first = tonumber(ARGV[5 + 4 * i])
     if first >= 0 and mark >= first then
       reset = true
+      moves[#moves + 1] = stream
+      moves[#moves + 1] = last
+    elseif last > mark then
+      moves[#moves + 1] = stream
+      moves[#moves + 1] = last
     end
+  else
+    moves[#moves + 1] = stream
+    moves[#moves + 1] = last
   end
 end
 for i = 3 + 4 * n, #ARGV, 2 do
   redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if #moves > 0 then
+  redis.call('HSET', KEYS[2], unpack(moves))
+end
 if n > 0 then
-  for i = 0, n - 1 do
-    redis.call('HSET', KEYS[2], ARGV[3 + 4 * i], ARGV[6 + 4 * i])
-  end
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
 if reset then

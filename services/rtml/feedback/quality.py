@@ -55,8 +55,9 @@ PAIR_TTL_MS = 7 * 86_400_000
 REFERENCE_RETRY_MS = 60_000  # a version the registry does not know is asked again after this
 _SCRIPT = script_source("rtml.feedback", "quality.lua")
 Source = tuple[str, int]  # the Kafka record an example came from: (its stream "topic:partition", its offset)
-Increments = tuple[int, list[tuple[str, Mapping[str, float]]]]  # a key's TTL, and (version, sums) to add to it
-_ONE_LABEL = {"labels": 1.0}  # the learning counter's increment (version "": the field is plain "labels")
+# a key's TTL, and (version, sums) to add to it; version None: plain field names (the learning counter)
+Increments = tuple[int, Sequence[tuple[str | None, Mapping[str, float]]]]
+_ONE_LABEL = {"labels": 1.0}  # the learning counter's increment per label
 
 
 class QualityConflict(RtmlError):
@@ -222,7 +223,8 @@ class QualityStore:
         now = now_ms() if now is None else now
         touched = await self._increments(examples, now)
         if sources is not None:
-            assert len(sources) == len(examples), "one source per example"
+            if len(sources) != len(examples) or (replayed is not None and len(replayed) != len(examples)):
+                raise ValueError("one source and one replayed flag per example")
             again = [i for i in range(len(examples)) if replayed is not None and replayed[i]]
             if again:  # drop what each key already holds of a replayed record
                 marks = await self._marks({(key, sources[i][0]) for i in again for key in touched[i]})
@@ -235,13 +237,17 @@ class QualityStore:
             for key, (key_ttl, parts) in per.items():
                 fields = per_key.setdefault(key, {})
                 for version, acc in parts:
-                    _merge(fields, version, acc)
+                    if version is None:  # the learning counter: plain field names
+                        for name, amount in acc.items():
+                            fields[name] = fields.get(name, 0.0) + amount
+                    else:
+                        _merge(fields, version, acc)
                 ttl[key] = key_ttl
         spans: dict[str, list[tuple[str, int, int, int]]] = {}
         if sources is not None:
-            # per stream, for every key (valid for a key no record of the stream touched too: it then holds
-            # every record of the stream up to the last that touches it): the first first-time offset (-1: none)
-            # and the last offset; per key, the first replayed offset it takes (-1: none)
+            # per stream, for every key: the first first-time offset (-1: none) and the last offset (valid for a
+            # key no record of the stream touched too, since quality.lua only ever raises a mark to it, except on
+            # a reset); per key, the first replayed offset it takes (-1: none)
             streams: dict[str, list[int]] = {}
             for i, (stream, offset) in enumerate(sources):
                 span = streams.setdefault(stream, [-1, offset])
@@ -287,7 +293,7 @@ class QualityStore:
                     key = names.get(pair) or names.setdefault(pair, pair_key(self.keys, *pair))
                     per[key] = (self.pair_ttl_ms, [a, b])
             key = names.get(ex.model) or names.setdefault(ex.model, learn_key(self.keys, ex.model))
-            per[key] = (LEARN_TTL_MS, [("", _ONE_LABEL)])
+            per[key] = (LEARN_TTL_MS, [(None, _ONE_LABEL)])
             out.append(per)
         return out
 
@@ -429,7 +435,7 @@ def _scores(ex: Example) -> dict[str, float]:
 
 
 def _merge(fields: dict[str, float], version: str, acc: Mapping[str, float]) -> None:
-    prefix = f"{version}|" if version else ""
+    prefix = f"{version}|"
     for name, amount in acc.items():
         k = prefix + name
         fields[k] = fields.get(k, 0.0) + amount
