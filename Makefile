@@ -21,12 +21,14 @@ up: install-run                   ## the whole platform on this machine
 
 # Two pytest-xdist workers (each starts its own broker and redis-server): the suite mostly waits on the
 # broker and on minutes-long e2e runs, so two workers halve its wall time even on a 2-core machine.
-# --dist loadfile keeps a file's tests (and their module fixtures) on one worker; tests/e2e, collected
-# first, starts the longest test (the learning loop, ~4 min) at once. TEST_WORKERS=0 runs in one process.
+# --dist loadfile keeps a file's tests (and their module fixtures) on one worker. --no-loadscope-reorder: hand
+# files out in collection order, which tests/conftest.py starts with the slowest (the learning loop, ~4 min);
+# xdist's default order (most tests first) left that one-test file to start last and run alone at the end.
+# TEST_WORKERS=0 runs in one process.
 # --durations lists the slowest tests and fixtures of each run: the suite's time budget is watched in CI logs.
 TEST_WORKERS ?= 2
 test: install                     ## unit, integration and e2e tests (real broker and redis-server)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
