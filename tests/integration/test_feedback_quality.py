@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio.cluster import RedisCluster
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
@@ -224,6 +225,43 @@ async def test_recording_survives_redis_losing_its_scripts(settings: Settings, r
     await redis.script_flush()  # what a restart or failover does to the script cache
     await store.record([example(2, 0.5, 0.0, now)], now=now)
     assert (await store.window("ctr", now))["1"].n == 2
+
+
+async def test_scripts_lost_half_way_through_a_write_resend_only_the_refused_calls(
+    settings: Settings, redis: Redis
+) -> None:
+    """Redis forgets its scripts between two calls of one pipeline (a flush, a failover): the calls it already
+    applied must not be sent again, only the ones it refused with NOSCRIPT."""
+    if isinstance(redis, RedisCluster):
+        pytest.skip("one node's pipeline; the cluster's per-call path is tested in test_redis_cluster.py")
+    now = now_ms()
+    batch = [example(i, 0.1 + i / 40, float(i % 2), now - 5_000 - i * 60_000, shadow={"2": 0.5}) for i in range(8)]
+    sources = [("t.outcomes:0", i) for i in range(8)]
+    clean = QualityStore(redis, Keys(settings.redis.key_prefix + "clean:"), CONFIG)
+    await clean.record(batch, now=now, sources=sources)
+
+    store = store_of(redis, settings)
+    await store.record([example(99, 0.5, 1.0, now)], now=now)  # the script is loaded
+    real_pipeline = store._pipeline
+    cut = {"done": False}
+
+    async def flushed_half_way(sha: str, calls: Any) -> list[Any]:
+        if cut["done"]:
+            return await real_pipeline(sha, calls)
+        cut["done"] = True
+        half = len(calls) // 2
+        first = await real_pipeline(sha, calls[:half])
+        await redis.script_flush()
+        return first + await real_pipeline(sha, calls[half:])
+
+    store._pipeline = flushed_half_way  # type: ignore[method-assign]
+    await store.record(batch, now=now, sources=sources)
+    assert cut["done"]
+    window, pair, labels = await snapshot(store, now)
+    want_window, want_pair, want_labels = await snapshot(clean, now)
+    assert labels == want_labels + 1  # the example recorded first, without sources
+    assert pair[0].close_to(want_pair[0]) and pair[1].close_to(want_pair[1])
+    assert window["2"].close_to(want_window["2"]) and window["1"].n == want_window["1"].n + 1
 
 
 async def test_publish_gauges_forever_defaults_to_the_configured_models(settings: Settings, redis: Redis) -> None:

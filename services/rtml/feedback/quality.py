@@ -25,7 +25,9 @@ a failed write between the join and here) counts only in the keys whose mark is 
 500 examples scored by two versions (2 tiles, ~800 fields): client CPU 3.6 ms against 15 ms for a pipeline
 of HINCRBYFLOAT commands, the same Redis CPU (~7 ms). The lean ``Scripts`` client saves 1.7 ms more but
 holds a connection of its own to close; not worth it off the request path. On a Redis Cluster (redis-py
-refuses EVALSHA in a cluster pipeline) the same calls go one per key, all at once.
+refuses EVALSHA in a cluster pipeline) the same calls go one per key, all at once. Either way, a call Redis
+refused with NOSCRIPT (scripts lost to a restart, a flush or a failover) applied nothing, and only those calls are
+sent again once the script is loaded.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
@@ -328,25 +330,7 @@ class QualityStore:
             for field, amount in fields.items():
                 args += (field, repr(amount))
             calls.append((key, args))
-        if is_cluster(self.redis):
-            results = await self._write_each(calls)
-        else:
-
-            def build(pipe: Pipeline) -> None:
-                assert self._sha is not None
-                for key, args in calls:
-                    pipe.evalsha(self._sha, 2, key, marks_key(key), *args)
-
-            for attempt in (1, 2):
-                if self._sha is None:
-                    self._sha = str(await guarded(self.redis.script_load(_SCRIPT), "SCRIPT LOAD"))
-                try:
-                    results = await run_pipeline(self.redis, build, "quality update")
-                    break
-                except NoScriptError:  # Redis restarted or flushed its scripts: every call failed, none applied
-                    self._sha = None
-                    if attempt == 2:
-                        raise
+        results = await self._send(calls)
         reset = [key for (key, _), r in zip(calls, results, strict=True) if r == 2]
         if reset:
             log.warning("quality: the marks of %d keys (e.g. %s) were at or past records counted for the first "
@@ -360,25 +344,29 @@ class QualityStore:
                 f"applied them meanwhile), e.g. {refused[0]}; the batch is retried and counts each record once"
             )
 
-    async def _write_each(self, calls: Sequence[tuple[str, Sequence[str | int | float]]]) -> list[Any]:
-        """The cluster way (redis-py refuses EVALSHA in a cluster pipeline): one call per key, all at once (a
-        batch touches few keys: its models' tiles, pairs and learning counters). A node that lost the script
-        answers NOSCRIPT and applied nothing of that call: only the calls it refused are sent again after the
-        script is loaded on every master, so no increment counts twice. The replies, in the order of ``calls``."""
+    async def _send(self, calls: Sequence[tuple[str, Sequence[str | int | float]]]) -> list[Any]:
+        """One ``quality.lua`` call per key, all at once: one pipeline on a single node, concurrent calls on a
+        Redis Cluster (redis-py refuses EVALSHA in a cluster pipeline; a batch touches few keys: its models'
+        tiles, pairs and learning counters). A node that lost the script (restarted, flushed, failed over)
+        answers NOSCRIPT to a call and applied nothing of it: only the calls it refused are sent again once the
+        script is loaded, so no increment counts twice. The replies, in the order of ``calls``."""
         replies: dict[int, Any] = {}
         todo = list(range(len(calls)))
         for attempt in (1, 2):
             if self._sha is None:
                 self._sha = str(await guarded(self.redis.script_load(_SCRIPT), "SCRIPT LOAD"))
             sha = self._sha
-            results = await asyncio.gather(
-                *(guarded(self.redis.evalsha(sha, 2, calls[i][0], marks_key(calls[i][0]), *calls[i][1]),
-                          "quality update") for i in todo),
-                return_exceptions=True,
-            )  # fmt: skip
+            if is_cluster(self.redis):
+                results = await asyncio.gather(
+                    *(guarded(self.redis.evalsha(sha, 2, calls[i][0], marks_key(calls[i][0]), *calls[i][1]),
+                              "quality update") for i in todo),
+                    return_exceptions=True,
+                )  # fmt: skip
+            else:
+                results = await guarded(self._pipeline(sha, [calls[i] for i in todo]), "quality update")
             for r in results:
                 if isinstance(r, BaseException) and not isinstance(r, NoScriptError):
-                    raise r
+                    await guarded(_reraise(r), "quality update")  # transient server states: a retry, not a dead letter
             for i, r in zip(todo, results, strict=True):
                 replies[i] = r
             todo = [i for i, r in zip(todo, results, strict=True) if isinstance(r, NoScriptError)]
@@ -388,6 +376,13 @@ class QualityStore:
             if attempt == 2:
                 raise NoScriptError(f"quality.lua is still missing on a node after SCRIPT LOAD ({len(todo)} calls)")
         raise AssertionError("unreachable")
+
+    async def _pipeline(self, sha: str, calls: Sequence[tuple[str, Sequence[str | int | float]]]) -> list[Any]:
+        """The calls in one pipeline, each call's reply or error in its place (not the first error raised)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, args in calls:
+                pipe.evalsha(sha, 2, key, marks_key(key), *args)
+            return list(await pipe.execute(raise_on_error=False))
 
     # -- reads ----------------------------------------------------------------------------------------------------
     async def window(self, model: str, now: int | None = None) -> dict[str, Sums]:
@@ -432,6 +427,10 @@ def _scores(ex: Example) -> dict[str, float]:
                     ex.prediction_id)  # fmt: skip
         del scores[v]
     return scores
+
+
+async def _reraise(exc: BaseException) -> NoReturn:
+    raise exc
 
 
 def _merge(fields: dict[str, float], version: str, acc: Mapping[str, float]) -> None:
