@@ -25,21 +25,24 @@ ROOT = Path(__file__).resolve().parent.parent
 # The slowest files, slowest first (CI's --durations), run before every other: `make test` hands files to its two
 # workers in collection order (--no-loadscope-reorder), so the longest ones overlap the many short ones instead of
 # starting last and running alone. The rest keep their collection order.
+# xdist gives each worker two files up front: the third file queues behind the learning loop on the first
+# worker, so it is a shorter one.
 SLOWEST_FIRST = (
     "e2e/test_learning_loop.py",
     "e2e/test_faults.py",
+    "e2e/test_overload.py",
     "e2e/test_replicas.py",
     "e2e/test_shutdown.py",
     "integration/test_report.py",
     "e2e/test_prometheus_live.py",
     "e2e/test_walkthrough.py",
-    "e2e/test_overload.py",
 )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {ROOT / "tests" / name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path, len(SLOWEST_FIRST)))  # stable: files stay whole
+    rank = {f"tests/{name}": i for i, name in enumerate(SLOWEST_FIRST)}
+    # by node id (relative to the rootdir, this repository): a symlinked checkout still matches
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(SLOWEST_FIRST)))  # stable
 
 
 @pytest.fixture(scope="session")

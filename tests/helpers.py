@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import os
 import random
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -22,11 +24,13 @@ LOOP_CHUNK_S = 0.03  # how long hold_up_loop blocks the loop at a time
 
 # Ports for the servers the tests start. ``bind(0)`` hands out ports of the kernel's ephemeral range, and a port
 # probed free and closed can be handed out again, to another xdist worker's server, before ours binds it (seen
-# in CI: a service died of "address already in use" and the test talked to the other one). So each worker takes
-# its ports from a block of its own below the ephemeral range, where neither bind(0) nor an outgoing
-# connection's local port ever lands; Redis Cluster's bus ports (+10000) stay below it too. The start within
-# the block is random, so two test runs on one machine rarely meet; every port is still probed before use.
+# in CI: a service died of "address already in use" and the test talked to the other one). So each test process
+# takes its ports from a block of its own below the ephemeral range, where neither bind(0) nor an outgoing
+# connection's local port ever lands; Redis Cluster's bus ports (+10000) stay below it too. A block is claimed
+# with a lock file held for the life of the process, so concurrent test runs on one machine get different
+# blocks too; every port is still probed before use.
 PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 10_000, 1_000, 10
+_claimed: list[Any] = []  # [the open lock file, the block's ports]
 
 
 def _ephemeral_low() -> int:
@@ -37,15 +41,28 @@ def _ephemeral_low() -> int:
         return 32_768  # Linux's default
 
 
-def _worker_ports() -> Iterator[int]:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # absent without xdist: one process, block 0
-    n = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
-    start = PORT_BASE + n * PORT_BLOCK
-    offset = random.randrange(PORT_BLOCK)
-    return itertools.cycle([start + (offset + k) % PORT_BLOCK for k in range(PORT_BLOCK)])
-
-
-_PORTS = _worker_ports()
+def _block() -> tuple[int, Iterator[int]]:
+    """This process's block (its first port) and an endless walk over it from a random start; claimed on first
+    use: the worker's own block if no other process holds it, else the next free one (every block taken: the
+    worker's own, shared, as without locks)."""
+    if not _claimed:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # absent without xdist: one process
+        preferred = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
+        chosen, lock = preferred, None
+        for k in range(PORT_BLOCKS):
+            n = (preferred + k) % PORT_BLOCKS
+            f = open(os.path.join(tempfile.gettempdir(), f"rtml-test-ports-{n}.lock"), "a")  # noqa: SIM115
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            chosen, lock = n, f
+            break
+        start = PORT_BASE + chosen * PORT_BLOCK
+        offset = random.randrange(PORT_BLOCK)
+        _claimed[:] = [lock, start, itertools.cycle([start + (offset + k) % PORT_BLOCK for k in range(PORT_BLOCK)])]
+    return _claimed[1], _claimed[2]
 
 
 def _bindable(port: int) -> bool:
@@ -59,20 +76,28 @@ def _bindable(port: int) -> bool:
 
 
 def free_port(*, bus_offset: int | None = None) -> int:
-    """A free loopback port from this worker's block (see ``PORT_BASE``); with ``bus_offset``, one whose
-    ``port + bus_offset`` is free too (Redis Cluster's bus). Falls back to ``bind(0)`` when the machine's
-    ephemeral range starts too low for the blocks."""
+    """A free loopback port from this process's block (see ``PORT_BASE``); with ``bus_offset``, one whose
+    ``port + bus_offset`` is free too (Redis Cluster's bus, a service's next replica), inside the block when the
+    offset is smaller than a block. Falls back to ``bind(0)`` when the machine's ephemeral range starts too low
+    for the blocks."""
     fallback = PORT_BASE + PORT_BLOCKS * PORT_BLOCK + (bus_offset or 0) > _ephemeral_low()
+    start, ports = _block()
     for _ in range(PORT_BLOCK):
         if fallback:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 s.bind(("127.0.0.1", 0))
                 port = int(s.getsockname()[1])
         else:
-            port = next(_PORTS)
-        if _bindable(port) and (bus_offset is None or (port + bus_offset < 65_536 and _bindable(port + bus_offset))):
+            port = next(ports)
+        if bus_offset is not None:
+            other = port + bus_offset
+            if other >= 65_536 or (not fallback and bus_offset < PORT_BLOCK and other >= start + PORT_BLOCK):
+                continue
+            if not _bindable(other):
+                continue
+        if _bindable(port):
             return port
-    raise RuntimeError(f"no free port in this worker's block of {PORT_BLOCK}")
+    raise RuntimeError(f"no free port in this process's block of {PORT_BLOCK}")
 
 
 def spin_cpu(seconds: float) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from typing import Any
 
 import orjson
 import pytest
@@ -231,9 +233,19 @@ async def test_loops_without_a_group_each_read_every_partition_and_leave_no_grou
     from rtml.core.kafka import client_options
 
     seen: dict[str, list[int]] = {"a": [], "b": []}
-    keys = [f"k{i}".encode() for i in range(40)]  # spread over every partition
+
+    def records(start: int) -> list[tuple[bytes, bytes]]:  # spread over every partition
+        return [(f"k{i}".encode(), orjson.dumps({"n": i})) for i in range(start, start + 40)]
+
+    async def until(done: Any) -> None:
+        for _ in range(300):
+            if done():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"not done in 30 s: {seen}")
+
     async with Producer(settings) as producer:
-        await producer.send_many("models", [(k, orjson.dumps({"n": i})) for i, k in enumerate(keys)])
+        await producer.send_many("models", records(0))
         loops = []
         for name in seen:
 
@@ -244,23 +256,26 @@ async def test_loops_without_a_group_each_read_every_partition_and_leave_no_grou
                                       decode=decode_json, handle=handle, producer=producer))  # fmt: skip
         for loop in loops:
             await loop.start()
-        # a failure after handling, before the position is kept: the restarted loop takes the batch again
+        # once the first 40 are handled, a failure after handling the next batch, before its position is kept:
+        # the restarted loop takes that batch again, and nothing it had handled before
         real = loops[0]._commit_offsets
-        calls = {"n": 0}
+        armed = {"fail": False, "failed": 0}
 
         async def flaky(*args: object) -> None:
-            calls["n"] += 1
-            if calls["n"] == 1:
+            if armed["fail"]:
+                armed["fail"], armed["failed"] = False, armed["failed"] + 1
                 raise RuntimeError("a bug after handling")
             await real(*args)  # type: ignore[arg-type]
 
         loops[0]._commit_offsets = flaky  # type: ignore[method-assign]
         tasks = [loop.run_in_background() for loop in loops]
         try:
-            for _ in range(300):
-                if all(sorted(set(v)) == list(range(40)) for v in seen.values()) and calls["n"] >= 2:
-                    break
-                await asyncio.sleep(0.1)
+            await until(lambda: all(sorted(set(v)) == list(range(40)) for v in seen.values()))
+            armed["fail"] = True
+            await producer.send_many("models", records(40))
+            # ... until the restarted loop took the failed batch again (after its 1 s back-off)
+            await until(lambda: all(sorted(set(v)) == list(range(80)) for v in seen.values()) and len(seen["a"]) > 80)
+            await until(lambda: loops[0].healthy)
             assert not any(t.done() for t in tasks)
             partitions = {tp.partition for tp in loops[1]._consumer.assignment()}
             assert partitions == set(range(settings.kafka.partitions))  # all of them, to each loop
@@ -273,8 +288,10 @@ async def test_loops_without_a_group_each_read_every_partition_and_leave_no_grou
         finally:
             for loop in loops:
                 await loop.shutdown()
-    assert sorted(seen["b"]) == list(range(40))  # each record once
-    assert sorted(set(seen["a"])) == list(range(40)) and len(seen["a"]) > 40  # redelivered, not skipped
+    assert sorted(seen["b"]) == list(range(80))  # each record once
+    a = Counter(seen["a"])
+    assert all(a[n] == 1 for n in range(40)), a  # resumed from its position, not from the start
+    assert set(a) == set(range(80)) and len(seen["a"]) > 80  # the failed batch redelivered, not skipped
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
     await admin.start()
     try:

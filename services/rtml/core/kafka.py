@@ -386,9 +386,11 @@ class ConsumerLoop(Generic[T]):
         a fetch only when its wait is over, so a short wait is many requests a second even when idle.
 
         ``group_id=None``: no consumer group. The loop reads every partition from the earliest record and
-        commits nothing; its position lives in the process only. For broadcasts every replica must see
-        (serving's promotions): a group per replica would leave one abandoned group on the brokers per restart,
-        listed, alerting on its lag, and kept for ``offsets.retention.minutes`` (7 days by default)."""
+        commits nothing; its position lives in the process only (a restart after a failure resumes from it).
+        For broadcasts every replica must see (serving's promotions): a group per replica would leave one
+        abandoned group on the brokers per restart, listed, alerting on its lag, and kept for
+        ``offsets.retention.minutes`` (7 days by default). Handlers must be idempotent: when partitions are
+        added to the topic, aiokafka assigns every partition afresh and they are all read again from the start."""
         if buffer is not None and max_in_flight != 1:
             raise ValueError("a buffered consumer loop handles one batch at a time (max_in_flight=1)")
         if buffer is not None and group_id is None:
@@ -427,6 +429,9 @@ class ConsumerLoop(Generic[T]):
         self._revocations = 0  # a batch fetched before a revocation is stale
         # lag: per owned partition, the group's committed offset and the end offset the broker last listed
         self._committed: dict[TopicPartition, int] = {}
+        # without a group: the position handled so far, per partition (what a commit would have stored). Kept
+        # apart from ``_committed``, which the lag watcher empties when ``run()`` ends, before a restart seeks.
+        self._position: dict[TopicPartition, int] = {}
         self._listed: dict[TopicPartition, int] = {}
         self._lag_wake = asyncio.Event()
         self._consumer.subscribe(self._topics, listener=_OnRebalance(self))
@@ -494,7 +499,7 @@ class ConsumerLoop(Generic[T]):
         """The group's committed offset of ``tp`` (None: never committed); without a group, the position this
         process has handled up to."""
         if not self.group:
-            return self._committed.get(tp)
+            return self._position.get(tp)
         offset: int | None = await self._consumer.committed(tp)
         return offset
 
@@ -692,8 +697,10 @@ class ConsumerLoop(Generic[T]):
 
     async def _commit_offsets(self, offsets: dict[TopicPartition, int], n: int) -> None:
         try:
-            if self.group:  # without a group, only this process keeps its position (``_committed``)
+            if self.group:
                 await self._consumer.commit(offsets)
+            else:  # without a group, only this process keeps its position
+                self._position.update(offsets)
         except KafkaError as exc:
             # Rebalanced away or broker gone: the records will be redelivered; handlers are idempotent.
             log.warning("%s: commit failed (%s); records will be redelivered", self.name, exc)
