@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import os
 import random
@@ -13,11 +14,13 @@ import struct
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+from rtml.core.embedded import port_is_free
 
 T = TypeVar("T")
 LOOP_CHUNK_S = 0.03  # how long hold_up_loop blocks the loop at a time
@@ -30,7 +33,12 @@ LOOP_CHUNK_S = 0.03  # how long hold_up_loop blocks the loop at a time
 # with a lock file held for the life of the process, so concurrent test runs on one machine get different
 # blocks too; every port is still probed before use.
 PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 10_000, 1_000, 10
-_claimed: list[Any] = []  # [the open lock file, the block's ports]
+
+
+class _Block(NamedTuple):
+    lock: Any  # the open lock file (None: every block was taken), held for the life of the process
+    start: int  # the block's first port
+    ports: Iterator[int]  # an endless walk over the block from a random start
 
 
 def _ephemeral_low() -> int:
@@ -41,38 +49,26 @@ def _ephemeral_low() -> int:
         return 32_768  # Linux's default
 
 
-def _block() -> tuple[int, Iterator[int]]:
-    """This process's block (its first port) and an endless walk over it from a random start; claimed on first
-    use: the worker's own block if no other process holds it, else the next free one (every block taken: the
-    worker's own, shared, as without locks)."""
-    if not _claimed:
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # absent without xdist: one process
-        preferred = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
-        chosen, lock = preferred, None
-        for k in range(PORT_BLOCKS):
-            n = (preferred + k) % PORT_BLOCKS
-            f = open(os.path.join(tempfile.gettempdir(), f"rtml-test-ports-{n}.lock"), "a")  # noqa: SIM115
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.close()
-                continue
-            chosen, lock = n, f
-            break
-        start = PORT_BASE + chosen * PORT_BLOCK
-        offset = random.randrange(PORT_BLOCK)
-        _claimed[:] = [lock, start, itertools.cycle([start + (offset + k) % PORT_BLOCK for k in range(PORT_BLOCK)])]
-    return _claimed[1], _claimed[2]
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+@functools.cache
+def _block() -> _Block:
+    """This process's block, claimed on first use: the worker's own if no other process holds it, else the next
+    free one (every block taken: the worker's own, shared, as without locks)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # absent without xdist: one process
+    preferred = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
+    chosen, lock = preferred, None
+    for k in range(PORT_BLOCKS):
+        n = (preferred + k) % PORT_BLOCKS
+        f = open(os.path.join(tempfile.gettempdir(), f"rtml-test-ports-{n}.lock"), "a")  # noqa: SIM115
         try:
-            s.bind(("127.0.0.1", port))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return False
-        return True
+            f.close()
+            continue
+        chosen, lock = n, f
+        break
+    start = PORT_BASE + chosen * PORT_BLOCK
+    offset = random.randrange(PORT_BLOCK)
+    return _Block(lock, start, itertools.cycle([start + (offset + k) % PORT_BLOCK for k in range(PORT_BLOCK)]))
 
 
 def free_port(*, bus_offset: int | None = None) -> int:
@@ -81,7 +77,7 @@ def free_port(*, bus_offset: int | None = None) -> int:
     offset is smaller than a block. Falls back to ``bind(0)`` when the machine's ephemeral range starts too low
     for the blocks."""
     fallback = PORT_BASE + PORT_BLOCKS * PORT_BLOCK + (bus_offset or 0) > _ephemeral_low()
-    start, ports = _block()
+    _, start, ports = _block()
     for _ in range(PORT_BLOCK):
         if fallback:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -93,9 +89,9 @@ def free_port(*, bus_offset: int | None = None) -> int:
             other = port + bus_offset
             if other >= 65_536 or (not fallback and bus_offset < PORT_BLOCK and other >= start + PORT_BLOCK):
                 continue
-            if not _bindable(other):
+            if not port_is_free(other):
                 continue
-        if _bindable(port):
+        if port_is_free(port):
             return port
     raise RuntimeError(f"no free port in this process's block of {PORT_BLOCK}")
 

@@ -19,6 +19,7 @@ from rtml.core.redis import Keys, Redis, connect
 from rtml.core.schemas import Example
 from rtml.core.settings import Settings
 from rtml.core.timeutil import now_ms
+from rtml.feedback import quality as quality_module
 from rtml.feedback.app import create_app
 from rtml.feedback.quality import GaugePublisher, QualityConflict, QualityStore, learn_key, tile_key, window_tiles
 from rtml.feedback.qualitymath import HIST_BINS, Reference, Sums, hist_bin, sums_of
@@ -228,7 +229,7 @@ async def test_recording_survives_redis_losing_its_scripts(settings: Settings, r
 
 
 async def test_scripts_lost_half_way_through_a_write_resend_only_the_refused_calls(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis forgets its scripts between two calls of one pipeline (a flush, a failover): the calls it already
     applied must not be sent again, only the ones it refused with NOSCRIPT."""
@@ -242,19 +243,32 @@ async def test_scripts_lost_half_way_through_a_write_resend_only_the_refused_cal
 
     store = store_of(redis, settings)
     await store.record([example(99, 0.5, 1.0, now)], now=now)  # the script is loaded
-    real_pipeline = store._pipeline
+    real_run = quality_module.run_pipeline
     cut = {"done": False}
 
-    async def flushed_half_way(sha: str, calls: Any) -> list[Any]:
-        if cut["done"]:
-            return await real_pipeline(sha, calls)
-        cut["done"] = True
-        half = len(calls) // 2
-        first = await real_pipeline(sha, calls[:half])
-        await redis.script_flush()
-        return first + await real_pipeline(sha, calls[half:])
+    class Recorder:  # what the write puts in its pipeline, to send in two halves
+        def __init__(self) -> None:
+            self.calls: list[tuple[Any, ...]] = []
 
-    store._pipeline = flushed_half_way  # type: ignore[method-assign]
+        def evalsha(self, *args: Any) -> None:
+            self.calls.append(args)
+
+    async def flushed_half_way(client: Any, build: Any, what: str, **kw: Any) -> list[Any]:
+        if cut["done"] or what != "quality update":
+            return await real_run(client, build, what, **kw)
+        cut["done"] = True
+        recorder = Recorder()
+        build(recorder)
+        half = len(recorder.calls) // 2
+
+        def part(calls: list[tuple[Any, ...]]) -> Any:
+            return lambda pipe: [pipe.evalsha(*c) for c in calls]
+
+        first = await real_run(client, part(recorder.calls[:half]), what, **kw)
+        await redis.script_flush()
+        return first + await real_run(client, part(recorder.calls[half:]), what, **kw)
+
+    monkeypatch.setattr(quality_module, "run_pipeline", flushed_half_way)
     await store.record(batch, now=now, sources=sources)
     assert cut["done"]
     window, pair, labels = await snapshot(store, now)

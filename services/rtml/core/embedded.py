@@ -27,20 +27,24 @@ class EmbeddedError(RtmlError):
     code = "embedded"
 
 
-def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
-    """``preferred`` when it is free, else a free ephemeral port.
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now. Probed with SO_REUSEADDR, as the servers bind
+    (redis-server, Tansu, uvicorn): a port whose last server just stopped still has connections in TIME_WAIT,
+    which block a plain bind but not the server's, so the port is free for it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
-    Probed with SO_REUSEADDR, as the servers bind (redis-server, Tansu, uvicorn): a port whose last server just
-    stopped still has connections in TIME_WAIT, which block a plain bind but not the server's, so the port
-    is free for it (a server started again on its port must get the same one, not a silent other)."""
-    if preferred is not None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, preferred))
-                return preferred
-            except OSError:
-                pass
+
+def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
+    """``preferred`` when it is free (``port_is_free``: a server started again on its port must get the same
+    one, not a silent other), else a free ephemeral port."""
+    if preferred is not None and port_is_free(preferred, host):
+        return preferred
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

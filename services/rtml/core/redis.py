@@ -125,20 +125,28 @@ def script_source(package: str, name: str) -> str:
 _TRANSIENT = ("LOADING", "BUSY", "READONLY", "OOM", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
 
 
+def outage(exc: BaseException, what: str = "Redis call") -> DependencyUnavailable | None:
+    """``exc`` as the DependencyUnavailable it stands for (a connection failure, a timeout, a server state a
+    retry can outlive), or None when it is something else (a bug, a script error): raise that as it is."""
+    if (
+        isinstance(exc, (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError))
+        # also raised for misuse (cross-slot keys): only outages are mapped
+        or (isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc))
+        or (isinstance(exc, RedisError) and any(marker in str(exc) for marker in _TRANSIENT))
+    ):
+        return DependencyUnavailable("redis", f"{what} failed: {exc}")
+    return None
+
+
 async def guarded(call: Awaitable[T], what: str = "Redis call") -> T:
     """Await a Redis call, mapping connection failures to DependencyUnavailable (503 / consumer retry)."""
     try:
         return await call
-    except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError) as exc:
-        raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
-    except RedisClusterException as exc:  # also raised for misuse (cross-slot keys): only outages are mapped
-        if "cannot be connected" in str(exc):
-            raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
-        raise
-    except RedisError as exc:
-        if any(marker in str(exc) for marker in _TRANSIENT):
-            raise DependencyUnavailable("redis", f"{what} failed: {exc}") from exc
-        raise
+    except Exception as exc:
+        mapped = outage(exc, what)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 async def ping(client: Redis, timeout_s: float = 1.0) -> None:
@@ -149,13 +157,16 @@ async def ping(client: Redis, timeout_s: float = 1.0) -> None:
         raise DependencyUnavailable("redis", f"Redis does not answer: {type(exc).__name__}: {exc}") from exc
 
 
-async def run_pipeline(client: Redis, build: Callable[[Pipeline], None], what: str) -> list[Any]:
-    """Build a non-transactional pipeline and send it in one round trip."""
+async def run_pipeline(
+    client: Redis, build: Callable[[Pipeline], None], what: str, *, raise_on_error: bool = True
+) -> list[Any]:
+    """Build a non-transactional pipeline and send it in one round trip. ``raise_on_error=False``: a command's
+    error is returned in its place instead of raised (the others of the pipeline may have applied)."""
 
     async def go() -> list[Any]:
         async with client.pipeline(transaction=False) as pipe:
             build(pipe)
-            return list(await pipe.execute())
+            return list(await pipe.execute(raise_on_error=raise_on_error))
 
     return await guarded(go(), what)
 

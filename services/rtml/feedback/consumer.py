@@ -68,12 +68,6 @@ def token(record: ConsumerRecord) -> str:
     return f"{record.topic}:{record.partition}:{record.offset}"
 
 
-def source_of(tok: str) -> tuple[str, int]:
-    """A token's (stream, offset): the quality sums count each record of a stream once (``QualityStore.record``)."""
-    stream, offset = tok.rsplit(":", 1)
-    return stream, int(offset)
-
-
 def parked_record(tok: str, prediction_id: str, value: bytes) -> ParkedRecord:
     topic, partition, offset = tok.rsplit(":", 2)
     return ParkedRecord(topic, int(partition), int(offset), prediction_id.encode(), value)
@@ -118,13 +112,14 @@ class Joiner:
         slots = await self.store.apply(applies)
         decisions = [decide(a.side, a.token, s, self.join_window) for a, s in zip(applies, slots, strict=True)]
 
-        claimed = [(d.example, a.token, not d.first) for a, d in zip(applies, decisions, strict=True)
-                   if d.example is not None]  # fmt: skip
+        # the claiming records (an example), each with its place in its partition: the quality sums count each
+        # record once per stream (``QualityStore.record``), so a replayed claim adds only what they lack
+        claimed = [(d.example, (f"{c.record.topic}:{c.record.partition}", c.record.offset), not d.first)
+                   for c, d in zip(batch, decisions, strict=True) if d.example is not None]  # fmt: skip
         examples = [ex for ex, _, _ in claimed]
-        # Counted and summed before publishing: a failed publish retries the batch, then ``first`` is False:
-        # counters move once, and the quality sums take a replayed claim only where they lack it.
+        # Counted and summed before publishing: a failed publish retries the batch, then ``first`` is False.
         self._count(decisions)
-        await self.quality.record(examples, sources=[source_of(tok) for _, tok, _ in claimed],
+        await self.quality.record(examples, sources=[src for _, src, _ in claimed],
                                   replayed=[again for _, _, again in claimed])  # fmt: skip
         if examples:
             await self.producer.send_many("examples", [(ex.prediction_id.encode(), encode(ex)) for ex in examples])

@@ -21,22 +21,25 @@ per key (HINCRBYFLOAT each field, then PEXPIRE), all in one pipelined round trip
 a marks hash ``<key>:at`` (same slot, same TTL) holding, per Kafka stream the join reads (topic:partition),
 the offset of the last record whose increments the key holds. A write sets the marks with the increments,
 atomically; a record that may have been recorded before (the join's redelivery of its claim, after a crash or
-a failed write between the join and here) counts only in the keys whose mark is below its offset. Measured on a batch of
-500 examples scored by two versions (2 tiles, ~800 fields): client CPU 3.6 ms against 15 ms for a pipeline
-of HINCRBYFLOAT commands, the same Redis CPU (~7 ms). The lean ``Scripts`` client saves 1.7 ms more but
-holds a connection of its own to close; not worth it off the request path. On a Redis Cluster (redis-py
-refuses EVALSHA in a cluster pipeline) the same calls go one per key, all at once. Either way, a call Redis
-refused with NOSCRIPT (scripts lost to a restart, a flush or a failover) applied nothing, and only those calls are
-sent again once the script is loaded.
+a failed write between the join and here) counts only in the keys whose mark is below its offset.
+
+Measured on a batch of 500 examples scored by two versions (2 tiles, ~800 fields): client CPU 3.6 ms
+against 15 ms for a pipeline of HINCRBYFLOAT commands, the same Redis CPU (~7 ms). The lean ``Scripts``
+client saves 1.7 ms more but holds a connection of its own to close; not worth it off the request path. What
+the marks cost: ``benchmarks/quality_record.py``. On a Redis Cluster (redis-py refuses EVALSHA in a cluster
+pipeline) the same calls go one per key, all at once. Either way, a call Redis refused with NOSCRIPT (scripts
+lost to a restart, a flush or a failover) applied nothing, and only those calls are sent again once the script
+is loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
@@ -45,7 +48,7 @@ from redis.exceptions import NoScriptError
 from rtml.core import metrics
 from rtml.core.config import PlatformConfig, QualityDef
 from rtml.core.errors import DependencyUnavailable, NotFound, RtmlError
-from rtml.core.redis import Keys, Redis, guarded, is_cluster, run_pipeline, script_source
+from rtml.core.redis import Keys, Redis, guarded, is_cluster, outage, run_pipeline, script_source
 from rtml.core.schemas import Example
 from rtml.core.timeutil import now_ms
 from rtml.feedback.qualitymath import Reference, Sums, add_example, split_versions, summarize
@@ -363,10 +366,11 @@ class QualityStore:
                     return_exceptions=True,
                 )  # fmt: skip
             else:
-                results = await guarded(self._pipeline(sha, [calls[i] for i in todo]), "quality update")
+                build = functools.partial(_evalsha_each, sha, [calls[i] for i in todo])
+                results = await run_pipeline(self.redis, build, "quality update", raise_on_error=False)
             for r in results:
                 if isinstance(r, BaseException) and not isinstance(r, NoScriptError):
-                    await guarded(_reraise(r), "quality update")  # transient server states: a retry, not a dead letter
+                    raise outage(r, "quality update") or r  # transient server states: a retry, not a dead letter
             for i, r in zip(todo, results, strict=True):
                 replies[i] = r
             todo = [i for i, r in zip(todo, results, strict=True) if isinstance(r, NoScriptError)]
@@ -376,13 +380,6 @@ class QualityStore:
             if attempt == 2:
                 raise NoScriptError(f"quality.lua is still missing on a node after SCRIPT LOAD ({len(todo)} calls)")
         raise AssertionError("unreachable")
-
-    async def _pipeline(self, sha: str, calls: Sequence[tuple[str, Sequence[str | int | float]]]) -> list[Any]:
-        """The calls in one pipeline, each call's reply or error in its place (not the first error raised)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, args in calls:
-                pipe.evalsha(sha, 2, key, marks_key(key), *args)
-            return list(await pipe.execute(raise_on_error=False))
 
     # -- reads ----------------------------------------------------------------------------------------------------
     async def window(self, model: str, now: int | None = None) -> dict[str, Sums]:
@@ -429,8 +426,9 @@ def _scores(ex: Example) -> dict[str, float]:
     return scores
 
 
-async def _reraise(exc: BaseException) -> NoReturn:
-    raise exc
+def _evalsha_each(sha: str, calls: Sequence[tuple[str, Sequence[str | int | float]]], pipe: Pipeline) -> None:
+    for key, args in calls:
+        pipe.evalsha(sha, 2, key, marks_key(key), *args)
 
 
 def _merge(fields: dict[str, float], version: str, acc: Mapping[str, float]) -> None:
